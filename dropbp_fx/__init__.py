@@ -1,0 +1,19 @@
+"""dropbp-fx: DropBP for any PyTorch model through ``torch.compile(model, backend="dropbp")``.
+
+Public API::
+
+    compiled = torch.compile(model, backend="dropbp", options={"drop_rate": 0.5})
+    dropbp_fx.get_dropbp(compiled)          # gate names, rates, last mask, counts, summary()
+
+    dbp = dropbp_fx.DropBP(drop_rate=0.5)   # or keep the backend object yourself
+    compiled = torch.compile(model, backend=dbp)
+
+    gm = dbp.transform(torch.fx.symbolic_trace(model))   # the passes on any traced GraphModule
+"""
+
+from dropbp_fx.backend import DropBP, get_dropbp, validate_options
+from dropbp_fx.controller import DropController
+from dropbp_fx.gate import DropGate
+
+__all__ = ["DropBP", "DropController", "DropGate", "get_dropbp", "validate_options"]
+__version__ = "0.1.0"

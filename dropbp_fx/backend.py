@@ -1,0 +1,267 @@
+"""The ``dropbp`` torch.compile backend.
+
+``torch.compile(model, backend="dropbp", options={...})`` resolves through the
+``torch_dynamo_backends`` entry point to :func:`dropbp`; ``backend=DropBP(...)``
+uses an object you keep. Either way, for every graph Dynamo captures:
+
+1. graphs traced with grad disabled, or from a model in eval mode, run unchanged;
+2. :func:`passes.residuals.find_residual_branches` finds the residual branches;
+3. :func:`passes.gating.gate_residual_branches` moves each into a ``DropGate``;
+4. the rewritten graph runs (eagerly, in this version).
+
+All graphs of one model share one :class:`~dropbp_fx.controller.DropController`,
+so a model with graph breaks still draws one mask per training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dropbp_fx.controller import POLICIES, DropController, check_rate
+from dropbp_fx.gate import DropGate
+
+log = logging.getLogger("dropbp_fx")
+
+INNER_COMPILERS = ("eager",)
+
+OPTIONS = {
+    "drop_rate": "float in [0, 1): target average fraction of residual branches dropped per step (default 0.5)",
+    "seed": "int: masks are a function of (seed, step, gate); the same seed gives the same masks everywhere "
+            "(default 0)",
+    "policy": f"one of {POLICIES}: 'topup' = the published rule (Bernoulli, then force drops up to the target "
+              "count), 'bernoulli' = independent coin flips (default 'topup')",
+    "keep_one_open": "'auto', True or False: when a step's mask closes every gate, reopen one; 'auto' does so "
+                     "only when nothing outside the gates trains (LoRA-style) (default 'auto')",
+    "inner": f"one of {INNER_COMPILERS}: how graphs run after the rewrite (default 'eager')",
+}
+DEFAULTS = {"drop_rate": 0.5, "seed": 0, "policy": "topup", "keep_one_open": "auto", "inner": "eager"}
+
+
+def validate_options(options: dict | None) -> dict:
+    """Defaults filled in; a ``ValueError`` naming the valid keys and ranges for anything else."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        valid = "\n".join(f"  {k}: {v}" for k, v in OPTIONS.items())
+        raise ValueError(f"dropbp: unknown option(s) {unknown}. Valid options:\n{valid}")
+    config = {**DEFAULTS, **options}
+    check_rate("dropbp option drop_rate", config["drop_rate"])
+    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int):
+        raise ValueError(f"dropbp option seed must be an int, got {config['seed']!r}")
+    if config["policy"] not in POLICIES:
+        raise ValueError(f"dropbp option policy must be one of {POLICIES}, got {config['policy']!r}")
+    if config["keep_one_open"] not in ("auto", True, False):
+        raise ValueError(f"dropbp option keep_one_open must be 'auto', True or False, got {config['keep_one_open']!r}")
+    if config["inner"] not in INNER_COMPILERS:
+        raise ValueError(f"dropbp option inner must be one of {INNER_COMPILERS}, got {config['inner']!r}")
+    return config
+
+
+@dataclass
+class GraphRecord:
+    """What the backend did with one captured graph."""
+
+    index: int
+    gates: list[str]
+    outer: list[str]
+    skipped: list[tuple[str, str, str]]  # (add node, module path, reason)
+    note: str = ""
+
+
+class DropBP:
+    """A ``torch.compile`` backend that gives a model DropBP, and the handle on its drop state.
+
+    >>> dbp = DropBP(drop_rate=0.5)
+    >>> compiled = torch.compile(model, backend=dbp)
+    >>> compiled(x).sum().backward()
+    >>> dbp.gate_names, dbp.last_mask, dbp.step
+    """
+
+    def __init__(self, drop_rate: float = 0.5, *, seed: int = 0, policy: str = "topup",
+                 keep_one_open: bool | str = "auto", inner: str = "eager") -> None:
+        self.config = validate_options(dict(drop_rate=drop_rate, seed=seed, policy=policy,
+                                            keep_one_open=keep_one_open, inner=inner))
+        self.controller = DropController(drop_rate, seed=seed, policy=policy, keep_one_open=keep_one_open)
+        self.graphs: list[GraphRecord] = []
+        self._weights: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ backend
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
+        root = _compiled_module(example_inputs)
+        if root is not None:
+            _REGISTRY[root] = self
+        index = len(self.graphs)
+        if not torch.is_grad_enabled():
+            return self._unchanged(gm, index, "traced with grad disabled: no gates")
+        if root is not None and not root.training:
+            return self._unchanged(gm, index, "model in eval mode: no gates")
+        return self.transform(gm, example_inputs)
+
+    def transform(self, gm: fx.GraphModule, example_inputs: list | None = None) -> fx.GraphModule:
+        """Apply the passes to a traced ``GraphModule`` (Dynamo, ``symbolic_trace`` or ``torch.export``).
+
+        The module is rewritten in place and returned; its gates report to this object.
+        """
+        from passes.gating import gate_residual_branches
+        from passes.residuals import find_residual_branches
+
+        index = len(self.graphs)
+        analysis = find_residual_branches(gm)
+        record = GraphRecord(index, [b.name for b in analysis.branches], [b.name for b in analysis.outer],
+                             [(s.add.name, s.module, s.reason) for s in analysis.skipped])
+        self.graphs.append(record)
+        if not analysis.branches:
+            record.note = "no residual branch: unchanged"
+            log.info("dropbp: graph %d has no residual branch (%d adds looked at); running it unchanged",
+                     index, len(analysis.skipped))
+            return gm
+        for branch in analysis.branches:
+            self._weights[branch.name] = branch.weight
+        gate_residual_branches(gm, analysis.branches, self.controller)
+        trains = _trunk_trains(gm, example_inputs)
+        self.controller.trunk_trains = bool(self.controller.trunk_trains) or trains
+        log.info("dropbp: graph %d: %d residual branches gated (%s)%s", index, len(analysis.branches),
+                 ", ".join(record.gates),
+                 f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
+        return gm
+
+    def _unchanged(self, gm, index, note):
+        self.graphs.append(GraphRecord(index, [], [], [], note))
+        log.info("dropbp: graph %d %s; running it unchanged", index, note)
+        return gm
+
+    # ------------------------------------------------------------------ state
+    @property
+    def gate_names(self) -> list[str]:
+        return self.controller.names
+
+    @property
+    def rates(self) -> dict[str, float]:
+        return self.controller.rates
+
+    @property
+    def last_mask(self) -> dict[str, bool]:
+        return self.controller.last_mask
+
+    @property
+    def step(self) -> int:
+        return self.controller.step
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Gate name -> (times dropped, training calls)."""
+        return {g.name: (g.drops, g.calls) for g in self.controller.gates}
+
+    def set_rates(self, rates) -> None:
+        self.controller.set_rates(rates)
+
+    def state_dict(self) -> dict:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state)
+
+    def summary(self) -> str:
+        """A table of the gates: name, share of the gated parameters, rate, dropped/calls."""
+        gates = self.controller.gates
+        if not gates:
+            notes = "; ".join(r.note for r in self.graphs if r.note) or "no graph compiled yet"
+            return f"dropbp: no gates ({notes})"
+        total = sum(self._weights.values()) or 1
+        width = max(len(g.name) for g in gates)
+        lines = [f"{'gate':<{width}}  params share  rate   dropped/calls"]
+        for g in gates:
+            share = self._weights.get(g.name, 0) / total
+            lines.append(f"{g.name:<{width}}  {share:12.1%}  {g.rate:.3f}  {g.drops}/{g.calls}")
+        lines.append(f"{len(gates)} gates, mean rate {sum(g.rate for g in gates) / len(gates):.3f}, "
+                     f"policy {self.controller.policy}, seed {self.controller.seed}, step {self.step}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"DropBP({self.config}, gates={len(self.controller.gates)}, step={self.step})"
+
+
+# ---------------------------------------------------------------------- helpers
+_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, DropBP]" = weakref.WeakKeyDictionary()
+_BY_CONFIG: dict[tuple, DropBP] = {}
+
+
+def get_dropbp(model) -> DropBP:
+    """The :class:`DropBP` state of a model compiled with ``backend="dropbp"`` (after its first call)."""
+    module = getattr(model, "_orig_mod", model)
+    found = _REGISTRY.get(module) if isinstance(module, nn.Module) else None
+    if found is None:
+        raise LookupError("no dropbp state for this model: compile it with torch.compile(model, backend='dropbp') "
+                          "and run one forward first (Dynamo compiles lazily)")
+    return found
+
+
+def dropbp(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
+    """Entry point of ``torch.compile(..., backend="dropbp", options={...})``."""
+    if mode is not None:
+        raise ValueError(f"dropbp takes options={{...}}, not mode={mode!r}; valid options: {sorted(OPTIONS)}")
+    config = validate_options(options)
+    root = _compiled_module(example_inputs)
+    backend = _REGISTRY.get(root) if root is not None else _BY_CONFIG.get(tuple(sorted(config.items())))
+    if backend is None or backend.config != config:
+        backend = DropBP(**config)
+        if root is None:
+            _BY_CONFIG[tuple(sorted(config.items()))] = backend
+    return backend(gm, example_inputs)
+
+
+def _compiled_module(example_inputs) -> nn.Module | None:
+    """The module Dynamo is compiling (the frame local that owns the graph's parameters), if any."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # not inside Dynamo (a hand call of the backend)
+        return None
+    if tx is None:
+        return None
+    params = {id(t) for t in example_inputs or () if isinstance(t, nn.Parameter)}
+    best, best_owned = None, 0
+    for value in tx.f_locals.values():
+        if isinstance(value, nn.Module):
+            owned = sum(id(p) in params for p in value.parameters())
+            if owned > best_owned or best is None:
+                best, best_owned = value, owned
+    return best
+
+
+def _trunk_trains(gm: fx.GraphModule, example_inputs) -> bool:
+    """Does a value that requires grad feed anything outside the gates? (False for LoRA-style models.)"""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(example_inputs) if example_inputs is not None else [None] * len(placeholders)
+    for node, value in zip(placeholders, values):
+        if value is None:
+            value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            if any(not _is_gate_call(gm, u) for u in node.users):
+                return True
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            attr = _resolve(gm, node.target)
+            if isinstance(attr, torch.Tensor) and attr.requires_grad:
+                return True
+        elif node.op == "call_module" and not _is_gate_call(gm, node):
+            if any(p.requires_grad for p in gm.get_submodule(node.target).parameters()):
+                return True
+    return False
+
+
+def _is_gate_call(gm, node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), DropGate)
+
+
+def _resolve(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj

@@ -1,0 +1,180 @@
+"""Per-step drop masks for named gates.
+
+A mask is a pure function of ``(seed, step, gate name, rates)``: every process that
+uses the same seed draws the same masks, whatever else it does with its RNGs (the
+global torch/python/numpy generators are never touched).
+
+Step boundaries are found without help from the user: a training forward calls
+each gate once, so the first gate that is called a second time starts a new step.
+This holds across graph breaks (one controller serves every graph of a model) and
+makes every training-mode forward draw a fresh mask; calls with grad disabled or
+in eval mode draw nothing and drop nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("topup", "bernoulli")
+
+
+@dataclass
+class GateState:
+    name: str
+    rate: float
+    calls: int = 0  # training-mode calls
+    drops: int = 0  # of which closed
+
+
+def uniform(seed: int, step: int, name: str) -> float:
+    """A uniform number in [0, 1) determined by (seed, step, gate name) alone."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def draw_mask(rates: list[float], uniforms: list[float], policy: str, keep_one_open: bool) -> list[bool]:
+    """One step's mask from per-gate rates and uniforms.
+
+    ``bernoulli``: gate i is dropped when ``u_i < rate_i``.
+    ``topup`` (the published rule): after the Bernoulli draw, if fewer than
+    ``floor(mean(rate) * n)`` gates are dropped, drop more, highest rate first
+    (ties: smallest ``u`` first), until that count is reached.
+    ``keep_one_open``: if every gate ended up dropped, reopen the one with the
+    lowest rate (ties: largest ``u``), so that backward always has a path.
+    """
+    n = len(rates)
+    mask = [u < r for u, r in zip(uniforms, rates)]
+    if policy == "topup" and n:
+        target = math.floor(sum(rates) + 1e-9)
+        missing = target - sum(mask)
+        if missing > 0:
+            order = sorted((i for i in range(n) if not mask[i]), key=lambda i: (-rates[i], uniforms[i]))
+            for i in order[:missing]:
+                mask[i] = True
+    if keep_one_open and n and all(mask):
+        mask[min(range(n), key=lambda i: (rates[i], -uniforms[i]))] = False
+    return mask
+
+
+class DropController:
+    """Owns the gates of one model: their rates, the current mask, the step counter and counts."""
+
+    def __init__(self, drop_rate: float = 0.5, *, seed: int = 0, policy: str = "topup",
+                 keep_one_open: bool | str = "auto", history: int = 100_000) -> None:
+        self.drop_rate = drop_rate
+        self.seed = seed
+        self.policy = policy
+        self.keep_one_open = keep_one_open
+        self.gates: list[GateState] = []
+        self._slots: dict[str, int] = {}
+        self.step = 0  # masks drawn so far; the current mask belongs to step ``step - 1``
+        self._mask: list[bool] = []
+        self._used: set[int] = set()
+        self.trunk_trains: bool | None = None  # does anything outside the gates get a gradient?
+        self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
+
+    # ---------------------------------------------------------------- gates
+    def register(self, name: str) -> int:
+        """The slot of gate ``name`` (gates of recompiled graphs share the slot of their name)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = len(self.gates)
+            self._slots[name] = slot
+            self.gates.append(GateState(name, self.drop_rate))
+        return slot
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.gates]
+
+    @property
+    def rates(self) -> dict[str, float]:
+        return {g.name: g.rate for g in self.gates}
+
+    def set_rates(self, rates: dict[str, float] | list[float] | float) -> None:
+        """Set one rate for all gates, a list in gate order, or a dict by gate name."""
+        if isinstance(rates, (int, float)):
+            rates = [float(rates)] * len(self.gates)
+        if isinstance(rates, dict):
+            unknown = sorted(set(rates) - set(self._slots))
+            if unknown:
+                raise ValueError(f"unknown gate names {unknown}; the gates are {self.names}")
+            values = [(self._slots[k], v) for k, v in rates.items()]
+        else:
+            rates = list(rates)
+            if len(rates) != len(self.gates):
+                raise ValueError(f"got {len(rates)} rates for {len(self.gates)} gates {self.names}; "
+                                 "pass one rate per gate, in this order, or a dict by gate name")
+            values = list(enumerate(rates))
+        for _, rate in values:
+            check_rate("rate", rate)
+        for slot, rate in values:
+            self.gates[slot].rate = float(rate)
+        self._mask = []  # redraw with the new rates at the next call
+
+    # ---------------------------------------------------------------- masks
+    def keeps_one_open(self) -> bool:
+        if self.keep_one_open == "auto":
+            return not self.trunk_trains
+        return bool(self.keep_one_open)
+
+    def mask_for(self, step: int) -> list[bool]:
+        """The mask of ``step`` (a pure function of seed, step, names and rates)."""
+        rates = [g.rate for g in self.gates]
+        uniforms = [uniform(self.seed, step, g.name) for g in self.gates]
+        return draw_mask(rates, uniforms, self.policy, self.keeps_one_open())
+
+    def is_dropped(self, slot: int) -> bool:
+        """Called by a gate on every training-mode call: is the gate closed this step?"""
+        if not torch.is_grad_enabled():
+            return False
+        if slot in self._used or not self._mask:
+            self._new_step()
+        elif slot >= len(self._mask):  # a graph compiled mid-step brought new gates
+            self._mask = self._mask + self.mask_for(self.step - 1)[len(self._mask):]
+        self._used.add(slot)
+        gate = self.gates[slot]
+        gate.calls += 1
+        dropped = self._mask[slot]
+        gate.drops += dropped
+        return dropped
+
+    def _new_step(self) -> None:
+        self._mask = self.mask_for(self.step)
+        self.step += 1
+        self._used = set()
+        self.history.append((sum(self._mask), len(self._mask)))
+
+    @property
+    def last_mask(self) -> dict[str, bool]:
+        """Gate name -> dropped, for the most recent step (empty before the first training call)."""
+        return {g.name: d for g, d in zip(self.gates, self._mask)}
+
+    def drop_fractions(self) -> list[float]:
+        """Fraction of gates dropped, per step, over the recorded history."""
+        return [d / n for d, n in self.history if n]
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step, "policy": self.policy, "drop_rate": self.drop_rate,
+                "rates": self.rates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.policy = state["policy"]
+        self.drop_rate = float(state["drop_rate"])
+        for name, rate in state["rates"].items():
+            self.gates[self.register(name)].rate = float(rate)
+        self.step = int(state["step"])
+        self._mask = []
+        self._used = set()
+
+
+def check_rate(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{key} must be a number in [0, 1) (0 = never drop), got {value!r}")

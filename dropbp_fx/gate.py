@@ -1,0 +1,45 @@
+"""The runtime op the gate pass inserts: a residual branch called through a drop gate.
+
+Contract, for a branch ``f`` and its inputs ``args``:
+
+* open gate: ``f(*args)`` exactly, with autograd as usual;
+* closed gate: ``f(*args)`` run under ``torch.no_grad()``: the same forward values,
+  no activations saved, no backward node. The add that consumes the output then
+  computes ``skip + f(*args).detach()``: gradient reaches earlier layers through
+  the skip only, and the branch's parameters get no gradient this step.
+
+Whether a gate is closed is decided per step, outside the graph, by a controller
+(``dropbp_fx.controller.DropController``): ``controller.register(name) -> slot`` once,
+``controller.is_dropped(slot) -> bool`` on every call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DropGate(nn.Module):
+    """Calls ``branch`` with autograd on when open, off when closed. Always returns a tuple."""
+
+    def __init__(self, branch: nn.Module, name: str, controller) -> None:
+        super().__init__()
+        self.branch = branch
+        self.gate_name = name
+        self.controller = controller
+        self.slot = controller.register(name)
+        # What runs for an open / a closed gate; an inner compiler may replace either.
+        self.run_open = branch
+        self.run_closed = branch
+
+    def forward(self, *args):
+        if self.training and self.controller.is_dropped(self.slot):
+            with torch.no_grad():
+                outputs = self.run_closed(*args)
+            # Outputs made under no_grad may be views; a later in-place add with grad on
+            # (``mlp_out += attn_out``) is refused on such views, so hand out plain tensors.
+            return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+        return self.run_open(*args)
+
+    def extra_repr(self) -> str:
+        return f"name={self.gate_name!r}, slot={self.slot}"

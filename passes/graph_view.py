@@ -1,0 +1,317 @@
+"""A networkx view of an FX graph, and the op vocabulary the residual passes need.
+
+The same questions are asked of three graph dialects:
+
+* ``torch.fx.symbolic_trace``: ``call_module`` nodes for layers, parameters in modules or ``get_attr``;
+* Dynamo: torch-level ``call_function`` nodes (``torch._C._nn.linear``, ``operator.add``),
+  parameters and buffers lifted to placeholders;
+* ``torch.export(...).module()``: aten overloads (``aten.linear.default``,
+  ``aten.add.Tensor``), parameters as ``get_attr``.
+
+Everything dialect-specific lives here so the passes can speak of "an add", "a
+parametric compute op", "a constant" and "a data edge".
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------
+# adds
+# ---------------------------------------------------------------------------
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
+_ADD_ATEN = {aten.add, aten.add_}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+
+
+def _packet(target):
+    return getattr(target, "overloadpacket", None)
+
+
+def is_add(node: fx.Node) -> bool:
+    """``x + y`` in any dialect: ``operator.add/iadd``, ``torch.add``, ``Tensor.add(_)``, ``aten.add(_).Tensor``."""
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS or _packet(node.target) in _ADD_ATEN
+    if node.op == "call_method":
+        return node.target in _ADD_METHODS
+    return False
+
+
+def add_operands(node: fx.Node) -> tuple[object, object]:
+    """The two summands of an add node (``alpha`` scales the second and is left on the node)."""
+    args = list(node.args)
+    if len(args) < 2:
+        other = node.kwargs.get("other")
+        args = [args[0] if args else node.kwargs.get("input"), other]
+    return args[0], args[1]
+
+
+# ---------------------------------------------------------------------------
+# parametric compute: matmul, linear, conv, attention
+# ---------------------------------------------------------------------------
+_COMPUTE_FUNCTIONS = {
+    torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, operator.matmul, torch.mm, torch.bmm,
+    torch.addmm, torch.baddbmm, torch.addbmm, torch.einsum, torch.bilinear,
+    torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+    torch.nn.functional.conv3d, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+    torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.multi_head_attention_forward,
+}
+_COMPUTE_ATEN = {
+    aten.linear, aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten.matmul, aten.einsum,
+    aten.convolution, aten.conv1d, aten.conv2d, aten.conv3d, aten._convolution, aten.conv_transpose1d,
+    aten.conv_transpose2d, aten.conv_transpose3d, aten.scaled_dot_product_attention,
+    aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_cudnn_attention,
+    aten.bilinear, aten._trilinear,
+}
+_COMPUTE_METHODS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm"}
+
+
+def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
+    """A parametric-compute node: matmul/linear/conv/attention, or a module holding a >=2-D weight."""
+    if node.op == "call_function":
+        return node.target in _COMPUTE_FUNCTIONS or _packet(node.target) in _COMPUTE_ATEN
+    if node.op == "call_method":
+        return node.target in _COMPUTE_METHODS
+    if node.op == "call_module" and root is not None:
+        mod = _get_submodule(root, node.target)
+        if mod is None or isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            return False
+        return any(p.dim() >= 2 for p in mod.parameters(recurse=True))
+    return False
+
+
+# ---------------------------------------------------------------------------
+# aliases of the residual stream: casts, copies, views
+# ---------------------------------------------------------------------------
+_ALIAS_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "contiguous", "clone", "view", "reshape",
+                  "type_as"}
+_ALIAS_ATEN = {aten.to, aten._to_copy, aten.clone, aten.contiguous, aten.alias, aten.view, aten._unsafe_view,
+               aten.reshape, aten.lift_fresh_copy}
+_ALIAS_FUNCTIONS = {torch.clone, torch.reshape}
+
+
+def is_alias(node: fx.Node) -> bool:
+    """A node that only re-labels its first input (dtype cast, copy, view): still the same stream."""
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS
+    if node.op == "call_function":
+        return node.target in _ALIAS_FUNCTIONS or _packet(node.target) in _ALIAS_ATEN
+    return False
+
+
+# ---------------------------------------------------------------------------
+# in-place ops
+# ---------------------------------------------------------------------------
+def mutates_first_arg(node: fx.Node) -> bool:
+    """``x.mul_(...)``, ``operator.iadd``, ``aten.*_`` overloads: the node writes into its first input."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__") or node.target.startswith("__i")
+    if node.op == "call_function":
+        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.arguments:
+            info = schema.arguments[0].alias_info
+            return bool(info is not None and info.is_write)
+    return False
+
+
+# ---------------------------------------------------------------------------
+# constants (parameters, buffers) and non-data values (shapes, dtypes)
+# ---------------------------------------------------------------------------
+_SHAPE_METHODS = {"size", "dim", "numel", "stride", "nelement", "ndimension", "get_device", "is_contiguous"}
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+_SHAPE_ATEN = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
+_DYNAMO_CONSTANT = re.compile(r"_(parameters|buffers)_")
+
+
+def _meta_value(node: fx.Node):
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """A node whose value is metadata of a tensor (size, dtype, ...), not data derived from it."""
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS:
+            return True
+        if _packet(node.target) in _SHAPE_ATEN:
+            return True
+    value = _meta_value(node)
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Size, torch.dtype, torch.device))
+
+
+def is_constant(node: fx.Node) -> bool:
+    """A parameter or buffer: ``get_attr``, or a Dynamo placeholder for ``L['self']...parameters/buffers``."""
+    if node.op == "get_attr":
+        return True
+    if node.op == "placeholder":
+        if isinstance(_meta_value(node), nn.Parameter):
+            return True
+        grapharg = node.meta.get("grapharg")
+        if grapharg is not None and isinstance(getattr(grapharg, "example", None), nn.Parameter):
+            return True
+        return bool(_DYNAMO_CONSTANT.search(str(node.target)))
+    return False
+
+
+def constant_numel(node: fx.Node, root: nn.Module | None) -> int:
+    """Elements in a parameter node (0 when unknown)."""
+    value = _meta_value(node)
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if node.op == "get_attr" and root is not None:
+        try:
+            attr = _get_attr(root, node.target)
+        except AttributeError:
+            return 0
+        return attr.numel() if isinstance(attr, torch.Tensor) else 0
+    return 0
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _get_submodule(root: nn.Module, target: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(target)
+    except AttributeError:
+        return None
+
+
+def node_weight(node: fx.Node, root: nn.Module | None) -> int:
+    """Parameter elements a compute node uses: a proxy for its cost that needs no shapes."""
+    if node.op == "call_module" and root is not None:
+        mod = _get_submodule(root, node.target)
+        return sum(p.numel() for p in mod.parameters()) if mod is not None else 0
+    return sum(constant_numel(arg, root) for arg in node.all_input_nodes if is_constant(arg))
+
+
+# ---------------------------------------------------------------------------
+# the data-flow graph
+# ---------------------------------------------------------------------------
+def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
+    """Nodes of ``graph`` with an edge ``u -> v`` when ``v`` consumes the *data* of ``u``.
+
+    Edges out of constants (parameters, buffers) and out of shape queries are left out:
+    two values that share a weight, or whose only link is ``x.size(1)``, are not on one stream.
+    """
+    g = nx.DiGraph()
+    for index, node in enumerate(graph.nodes):
+        g.add_node(node, index=index)
+    for node in graph.nodes:
+        if is_constant(node) or is_shape_query(node):
+            continue
+        for user in node.users:
+            g.add_edge(node, user)
+    return g
+
+
+def between(g: nx.DiGraph, source: fx.Node, sink: fx.Node) -> set[fx.Node]:
+    """Nodes on some data path ``source -> ... -> sink``, excluding ``source``, including ``sink``."""
+    index = g.nodes[source]["index"]
+    upstream: set[fx.Node] = set()
+    stack = [sink]
+    while stack:  # backwards from sink, never earlier than source
+        node = stack.pop()
+        if node in upstream or node is source or g.nodes[node]["index"] < index:
+            continue
+        upstream.add(node)
+        stack.extend(g.predecessors(node))
+    reached: set[fx.Node] = set()
+    stack = [s for s in g.successors(source) if s in upstream]
+    while stack:  # forwards from source, inside the backward cone
+        node = stack.pop()
+        if node in reached:
+            continue
+        reached.add(node)
+        stack.extend(s for s in g.successors(node) if s in upstream)
+    return reached
+
+
+def reaches(g: nx.DiGraph, source: fx.Node, sink: fx.Node) -> bool:
+    """True when a data path leads from ``source`` to ``sink`` (or they are the same node)."""
+    lo = g.nodes[source]["index"]
+    seen = set()
+    stack = [sink]
+    while stack:
+        node = stack.pop()
+        if node is source:
+            return True
+        if node in seen or g.nodes[node]["index"] < lo:
+            continue
+        seen.add(node)
+        stack.extend(g.predecessors(node))
+    return False
+
+
+def compute_depth(nodes: Iterable[fx.Node], root: nn.Module | None) -> int:
+    """Longest chain of parametric-compute nodes inside ``nodes`` (which are in topological order)."""
+    nodes = list(nodes)
+    inside = set(nodes)
+    depth: dict[fx.Node, int] = {}
+    for node in nodes:
+        best = max((depth[a] for a in node.all_input_nodes if a in inside), default=0)
+        depth[node] = best + (1 if is_compute(node, root) else 0)
+    return max(depth.values(), default=0)
+
+
+# ---------------------------------------------------------------------------
+# module paths
+# ---------------------------------------------------------------------------
+_LOCAL_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?")
+_GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]+)['\"]\)")
+_INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def clean_module_path(path: str) -> str:
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    while True:
+        new = _GETATTR.sub(r"\1.\2", path)
+        if new == path:
+            break
+        path = new
+    path = _LOCAL_ROOT.sub("", path)
+    path = path.replace("._modules", "").replace("_modules", "")
+    path = _INDEX.sub(r".\1", path)
+    path = re.sub(r"\.+", ".", path).strip(".")
+    return path
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module a node was traced in (``''`` for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return clean_module_path(str(path))
+
+
+def common_module_path(paths: Iterable[str]) -> str:
+    split = [p.split(".") if p else [] for p in paths]
+    if not split:
+        return ""
+    prefix = split[0]
+    for parts in split[1:]:
+        n = 0
+        while n < min(len(prefix), len(parts)) and prefix[n] == parts[n]:
+            n += 1
+        prefix = prefix[:n]
+    return ".".join(prefix)

@@ -1,0 +1,232 @@
+"""Find the residual branches of an FX graph.
+
+A residual branch is the ``f(x)`` of ``y = x + f(x)``: a sub-graph that starts from
+the residual stream ``x``, holds parametric compute (matmul, linear, conv,
+attention) and ends in one operand of an add whose other operand is the stream
+itself, or an alias of it (``x.to(dtype)``, a view), or the previous residual add.
+
+Before (pre-norm transformer block, Dynamo dialect)::
+
+    x ──► norm ──► q,k,v ──► sdpa ──► o_proj ──┐
+    │                                          ▼
+    └─────────────────────────────────────────► add ──► ...
+
+After :func:`find_residual_branches` nothing in the graph has changed; the result
+holds one :class:`ResidualBranch` for the ``norm ... o_proj`` nodes, named after
+their module path (``model.layers.0.self_attn``), with the add, the skip operand,
+the branch's inputs (parameters, masks, rotary tables) and side outputs (KV-cache
+tensors returned by the graph).
+
+Shapes it recognises:
+
+* identity skip: pre-norm ``x + f(norm(x))``, post-norm ``norm(x + f(x))``,
+  sandwich ``x + norm(f(norm(x)))``, in any add spelling (``+``, ``+=``,
+  ``torch.add(alpha=)``, ``Tensor.add(_)``, ``aten.add(_).Tensor``);
+* parallel branches ``x + attn(ln(x)) + mlp(ln(x))``, in either association: one branch per term;
+* projection shortcuts ``f(x) + proj(x)``: the heavier operand is the branch, the
+  single projection stays the skip.
+
+It does not fire on: RoPE (``q*cos + rot(q)*sin``), ``variance + eps``, bias and
+position-embedding adds, ``arange + offset``, mask or position-bias adds to
+attention scores, operands linked only through a shared (tied) parameter, or a
+branch without parametric compute. A branch that contains another branch is
+nested: the innermost is gated, the outer one is reported in ``outer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx as fx
+from torch import nn
+
+from passes import graph_view as gv
+
+
+@dataclass
+class ResidualBranch:
+    """One residual branch ``add = skip + output``; ``nodes`` compute ``output``."""
+
+    name: str
+    add: fx.Node
+    skip: fx.Node
+    output: fx.Node
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]
+    side_outputs: list[fx.Node]
+    kind: str  # "identity", "parallel" or "projection"
+    weight: int  # parameter elements used by the branch's compute nodes
+
+    def __repr__(self) -> str:
+        return (f"ResidualBranch({self.name!r}, kind={self.kind}, add={self.add.name}, skip={self.skip.name}, "
+                f"output={self.output.name}, {len(self.nodes)} nodes, {len(self.side_outputs)} side outputs)")
+
+
+@dataclass
+class SkippedAdd:
+    """An add that was looked at and is not a gated residual branch."""
+
+    add: fx.Node
+    module: str
+    reason: str
+
+
+@dataclass
+class ResidualAnalysis:
+    branches: list[ResidualBranch] = field(default_factory=list)
+    outer: list[ResidualBranch] = field(default_factory=list)
+    skipped: list[SkippedAdd] = field(default_factory=list)
+
+
+class _Reject(Exception):
+    pass
+
+
+def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None) -> ResidualAnalysis:
+    """Return the residual branches of ``gm`` (innermost ones), the outer nested ones, and the adds skipped."""
+    root = gm if root is None else root
+    graph = gm.graph
+    dfg = gv.data_flow_graph(graph)
+    stream_parent: dict[fx.Node, fx.Node] = {}  # skip chain: alias -> its input, residual add -> its skip
+    found: list[ResidualBranch] = []
+    analysis = ResidualAnalysis()
+
+    for node in graph.nodes:
+        if gv.is_alias(node) and node.args and isinstance(node.args[0], fx.Node):
+            stream_parent[node] = node.args[0]
+        if not gv.is_add(node):
+            continue
+        try:
+            branches = _classify_add(node, dfg, stream_parent, root)
+        except _Reject as why:
+            analysis.skipped.append(SkippedAdd(node, gv.module_path(node), str(why)))
+            continue
+        stream_parent[node] = branches[0].skip
+        found.extend(branches)
+
+    _name_branches(found)
+    adds = {b.add for b in found}
+    for branch in found:
+        members = set(branch.nodes)
+        (analysis.outer if any(a in members for a in adds) else analysis.branches).append(branch)
+    return analysis
+
+
+# ---------------------------------------------------------------------------
+def _classify_add(add: fx.Node, dfg: nx.DiGraph, stream_parent, root) -> list[ResidualBranch]:
+    a, b = gv.add_operands(add)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        raise _Reject("adds a Python constant (eps, offset), not two tensors")
+    if gv.is_constant(a) or gv.is_constant(b):
+        raise _Reject("adds a parameter or buffer (bias)")
+    for skip, out in ((a, b), (b, a)):
+        stream = _stream_root(dfg, stream_parent, skip, out)
+        if stream is not None:
+            return _identity_branches(add, skip, out, stream, dfg, root)
+    return [_projection_branch(add, a, b, dfg, root)]
+
+
+def _stream_root(dfg, stream_parent, skip: fx.Node, out: fx.Node) -> fx.Node | None:
+    """The first node on ``skip``'s chain (itself, its aliases, earlier residual adds) that feeds ``out``."""
+    node = skip
+    while node is not None:
+        if node is not out and gv.reaches(dfg, node, out):
+            return node
+        node = stream_parent.get(node)
+    return None
+
+
+def _identity_branches(add, skip, out, stream, dfg, root) -> list[ResidualBranch]:
+    terms = _split_parallel(out, stream, dfg, root)
+    kind = "parallel" if len(terms) > 1 else "identity"
+    return [_make_branch(add, skip, term, stream, kind, dfg, root) for term in terms]
+
+
+def _split_parallel(out: fx.Node, stream: fx.Node, dfg, root) -> list[fx.Node]:
+    """``attn(x) + mlp(x)`` feeding one residual add: each term of the sum is a branch of its own."""
+    if not gv.is_add(out):
+        return [out]
+    a, b = gv.add_operands(out)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or len(out.users) != 1:
+        return [out]
+    terms = []
+    for term in (a, b):
+        nodes = gv.between(dfg, stream, term)
+        if not any(gv.is_compute(n, root) for n in nodes):
+            return [out]
+        terms.append(term)
+    if gv.reaches(dfg, terms[0], terms[1]) or gv.reaches(dfg, terms[1], terms[0]):
+        return [out]
+    return _split_parallel(terms[0], stream, dfg, root) + _split_parallel(terms[1], stream, dfg, root)
+
+
+def _projection_branch(add, a, b, dfg, root) -> ResidualBranch:
+    """``f(x) + proj(x)``: gate ``f`` when it is deeper and heavier than a single projection."""
+    common = (nx.ancestors(dfg, a) | {a}) & (nx.ancestors(dfg, b) | {b})
+    if not common:
+        raise _Reject("operands share no data (position embeddings, masks, tied weights): not a residual stream")
+    stream = max(common, key=lambda n: dfg.nodes[n]["index"])
+    paths = {}
+    for term in (a, b):
+        nodes = _topo(gv.between(dfg, stream, term), dfg)
+        compute = [n for n in nodes if gv.is_compute(n, root)]
+        paths[term] = (sum(gv.node_weight(n, root) for n in compute), gv.compute_depth(nodes, root), compute)
+    heavy, light = sorted((a, b), key=lambda t: paths[t][0], reverse=True)
+    if not paths[heavy][2]:
+        raise _Reject("no matmul, linear, conv or attention between the stream and either operand")
+    if paths[heavy][1] < 2 or paths[light][1] > 1 or paths[heavy][0] == paths[light][0]:
+        raise _Reject("two computed operands of one stream, but not a deep branch beside a single projection "
+                      "(a LoRA or split projection, not a residual)")
+    return _make_branch(add, light, heavy, stream, "projection", dfg, root)
+
+
+def _make_branch(add, skip, out, stream, kind, dfg, root) -> ResidualBranch:
+    nodes = gv.between(dfg, stream, out)
+    nodes = _own_nodes(nodes, out, add)
+    if out not in nodes:
+        raise _Reject("the branch output is used outside the residual add")
+    ordered = _topo(nodes, dfg)
+    compute = [n for n in ordered if gv.is_compute(n, root)]
+    if not compute:
+        raise _Reject("branch holds no matmul, linear, conv or attention")
+    for n in ordered:
+        if gv.mutates_first_arg(n) and isinstance(n.args[0], fx.Node) and n.args[0] not in nodes:
+            raise _Reject(f"branch node {n.name} mutates its input {n.args[0].name} in place")
+    inputs: dict[fx.Node, None] = {}
+    for n in ordered:
+        for arg in n.all_input_nodes:
+            if arg not in nodes:
+                inputs[arg] = None
+    side = [n for n in ordered if n is not out and any(u not in nodes for u in n.users)]
+    weight = sum(gv.node_weight(n, root) for n in compute)
+    name = gv.common_module_path(gv.module_path(n) for n in compute)
+    return ResidualBranch(name, add, skip, out, ordered, list(inputs), side, kind, weight)
+
+
+def _own_nodes(nodes: set[fx.Node], out: fx.Node, add: fx.Node) -> set[fx.Node]:
+    """Keep the nodes whose every user is in the branch (or the graph output); shared ones become inputs."""
+    nodes = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(nodes):
+            allowed = (add,) if n is out else ()
+            if any(u not in nodes and u.op != "output" and u not in allowed for u in n.users):
+                nodes.discard(n)
+                changed = True
+    return nodes
+
+
+def _topo(nodes, dfg) -> list[fx.Node]:
+    return sorted(nodes, key=lambda n: dfg.nodes[n]["index"])
+
+
+def _name_branches(branches: list[ResidualBranch]) -> None:
+    """Name each branch by its module path; repeats (a shared layer applied twice) get ``#1``, ``#2``."""
+    seen: dict[str, int] = {}
+    for branch in branches:
+        base = branch.name or f"branch_{branch.add.name}"
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        branch.name = base if count == 0 else f"{base}#{count}"
