@@ -227,7 +227,10 @@ def _compiled_module(example_inputs) -> nn.Module | None:
         return None
     params = {id(t) for t in example_inputs or () if isinstance(t, nn.Parameter)}
     best, best_owned = None, 0
-    for value in tx.f_locals.values():
+    candidates = []
+    for value in tx.f_locals.values():  # ``self``, or ``args[0]`` of a decorated forward
+        candidates.extend(value if isinstance(value, (tuple, list)) else [value])
+    for value in candidates:
         if isinstance(value, nn.Module):
             owned = sum(id(p) in params for p in value.parameters())
             if owned > best_owned or best is None:

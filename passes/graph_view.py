@@ -274,13 +274,13 @@ def compute_depth(nodes: Iterable[fx.Node], root: nn.Module | None) -> int:
 # ---------------------------------------------------------------------------
 # module paths
 # ---------------------------------------------------------------------------
-_LOCAL_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?")
+_LOCAL_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\](\[[^\]]*\])*\.?")
 _GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]+)['\"]\)")
 _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 
 
 def clean_module_path(path: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    """``L['self'].model.layers[0]._modules['mlp']`` (or ``L['args'][0].model...``) -> ``model.layers.0.mlp``."""
     while True:
         new = _GETATTR.sub(r"\1.\2", path)
         if new == path:

@@ -138,27 +138,29 @@ def _stream_root(dfg, stream_parent, skip: fx.Node, out: fx.Node) -> fx.Node | N
 
 
 def _identity_branches(add, skip, out, stream, dfg, root) -> list[ResidualBranch]:
-    terms = _split_parallel(out, stream, dfg, root)
+    terms = _split_parallel(out, add, stream, dfg, root)
     kind = "parallel" if len(terms) > 1 else "identity"
-    return [_make_branch(add, skip, term, stream, kind, dfg, root) for term in terms]
+    return [_make_branch(consumer, skip, term, stream, kind, dfg, root, residual_add=add)
+            for term, consumer in terms]
 
 
-def _split_parallel(out: fx.Node, stream: fx.Node, dfg, root) -> list[fx.Node]:
-    """``attn(x) + mlp(x)`` feeding one residual add: each term of the sum is a branch of its own."""
+def _split_parallel(out: fx.Node, consumer: fx.Node, stream: fx.Node, dfg, root) -> list[tuple[fx.Node, fx.Node]]:
+    """``attn(x) + mlp(x)`` feeding one residual add: each term of the sum is a branch of its own.
+
+    Returns ``(term, the add that consumes it)`` pairs.
+    """
     if not gv.is_add(out):
-        return [out]
+        return [(out, consumer)]
     a, b = gv.add_operands(out)
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or len(out.users) != 1:
-        return [out]
-    terms = []
+        return [(out, consumer)]
     for term in (a, b):
         nodes = gv.between(dfg, stream, term)
         if not any(gv.is_compute(n, root) for n in nodes):
-            return [out]
-        terms.append(term)
-    if gv.reaches(dfg, terms[0], terms[1]) or gv.reaches(dfg, terms[1], terms[0]):
-        return [out]
-    return _split_parallel(terms[0], stream, dfg, root) + _split_parallel(terms[1], stream, dfg, root)
+            return [(out, consumer)]
+    if gv.reaches(dfg, a, b) or gv.reaches(dfg, b, a):
+        return [(out, consumer)]
+    return _split_parallel(a, out, stream, dfg, root) + _split_parallel(b, out, stream, dfg, root)
 
 
 def _projection_branch(add, a, b, dfg, root) -> ResidualBranch:
@@ -181,7 +183,9 @@ def _projection_branch(add, a, b, dfg, root) -> ResidualBranch:
     return _make_branch(add, light, heavy, stream, "projection", dfg, root)
 
 
-def _make_branch(add, skip, out, stream, kind, dfg, root) -> ResidualBranch:
+def _make_branch(add, skip, out, stream, kind, dfg, root, residual_add=None) -> ResidualBranch:
+    """The branch computing ``out`` from ``stream``; ``add`` consumes ``out`` (for a parallel term, the
+    partial sum; ``residual_add`` is then the add with the skip)."""
     nodes = gv.between(dfg, stream, out)
     nodes = _own_nodes(nodes, out, add)
     if out not in nodes:
@@ -200,8 +204,25 @@ def _make_branch(add, skip, out, stream, kind, dfg, root) -> ResidualBranch:
                 inputs[arg] = None
     side = [n for n in ordered if n is not out and any(u not in nodes for u in n.users)]
     weight = sum(gv.node_weight(n, root) for n in compute)
-    name = gv.common_module_path(gv.module_path(n) for n in compute)
-    return ResidualBranch(name, add, skip, out, ordered, list(inputs), side, kind, weight)
+    return ResidualBranch(_branch_name(compute, add), residual_add or add, skip, out, ordered, list(inputs), side,
+                          kind, weight)
+
+
+def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:
+    """The module path shared by the branch's compute nodes (``model.layers.3.mlp``).
+
+    When that module also holds the residual add (BERT's ``layer.0`` holds the FFN and
+    its add), the branch is only part of it: name the parts, ``bert.encoder.layer.0.{intermediate,output}``.
+    """
+    paths = [gv.module_path(n) for n in compute]
+    name = gv.common_module_path(paths)
+    add_path = gv.module_path(add)
+    if name and (add_path == name or add_path.startswith(name + ".")):
+        depth = len(name.split("."))
+        parts = list(dict.fromkeys(p.split(".")[depth] for p in paths if len(p.split(".")) > depth))
+        if len(parts) > 1:
+            name = f"{name}.{{{','.join(parts)}}}"
+    return name
 
 
 def _own_nodes(nodes: set[fx.Node], out: fx.Node, add: fx.Node) -> set[fx.Node]:
