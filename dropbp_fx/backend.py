@@ -90,6 +90,7 @@ class DropBP:
         self.controller = DropController(drop_rate, seed=seed, policy=policy, keep_one_open=keep_one_open)
         self.graphs: list[GraphRecord] = []
         self._weights: dict[str, int] = {}
+        self.side_outputs: dict[str, int] = {}  # gate name -> values it returns besides the branch output
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -123,6 +124,7 @@ class DropBP:
             return gm
         for branch in analysis.branches:
             self._weights[branch.name] = branch.weight
+            self.side_outputs[branch.name] = len(branch.side_outputs)
         gate_residual_branches(gm, analysis.branches, self.controller)
         trains = _trunk_trains(gm, example_inputs)
         self.controller.trunk_trains = bool(self.controller.trunk_trains) or trains
