@@ -16,6 +16,7 @@ so a model with graph breaks still draws one mask per training step.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -91,29 +92,37 @@ class DropBP:
         self.graphs: list[GraphRecord] = []
         self._weights: dict[str, int] = {}
         self.side_outputs: dict[str, int] = {}  # gate name -> values it returns besides the branch output
+        self._root = None
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
-        root = _compiled_module(example_inputs)
+        root, prefix = _compiled_module(example_inputs)
         if root is not None:
             _REGISTRY[root] = self
+            self.controller.watch(root)
+            self._root = weakref.ref(root)
         index = len(self.graphs)
         if not torch.is_grad_enabled():
             return self._unchanged(gm, index, "traced with grad disabled: no gates")
         if root is not None and not root.training:
             return self._unchanged(gm, index, "model in eval mode: no gates")
-        return self.transform(gm, example_inputs)
+        return self.transform(gm, example_inputs, name_prefix=prefix)
 
-    def transform(self, gm: fx.GraphModule, example_inputs: list | None = None) -> fx.GraphModule:
+    def transform(self, gm: fx.GraphModule, example_inputs: list | None = None, *,
+                  name_prefix: str = "") -> fx.GraphModule:
         """Apply the passes to a traced ``GraphModule`` (Dynamo, ``symbolic_trace`` or ``torch.export``).
 
         The module is rewritten in place and returned; its gates report to this object.
+        ``name_prefix`` is prepended to gate names (the module path of a traced sub-frame).
         """
         from passes.gating import gate_residual_branches
         from passes.residuals import find_residual_branches
 
         index = len(self.graphs)
         analysis = find_residual_branches(gm)
+        if name_prefix:
+            for branch in analysis.branches + analysis.outer:
+                branch.name = f"{name_prefix}.{branch.name}" if branch.name else name_prefix
         record = GraphRecord(index, [b.name for b in analysis.branches], [b.name for b in analysis.outer],
                              [(s.add.name, s.module, s.reason) for s in analysis.skipped])
         self.graphs.append(record)
@@ -126,8 +135,12 @@ class DropBP:
             self._weights[branch.name] = branch.weight
             self.side_outputs[branch.name] = len(branch.side_outputs)
         gate_residual_branches(gm, analysis.branches, self.controller)
-        trains = _trunk_trains(gm, example_inputs)
-        self.controller.trunk_trains = bool(self.controller.trunk_trains) or trains
+        if self._root is None:  # a hand-traced GraphModule: its own parameters and mode
+            self.controller.watch(gm)
+        model = self._root() if self._root is not None else gm
+        _record_gate_params(gm, example_inputs, model, self.controller)
+        if name_prefix:
+            _anchor_gates(gm, example_inputs, model, name_prefix)
         log.info("dropbp: graph %d: %d residual branches gated (%s)%s", index, len(analysis.branches),
                  ", ".join(record.gates),
                  f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
@@ -208,7 +221,7 @@ def dropbp(gm: fx.GraphModule, example_inputs: list, options: dict | None = None
     if mode is not None:
         raise ValueError(f"dropbp takes options={{...}}, not mode={mode!r}; valid options: {sorted(OPTIONS)}")
     config = validate_options(options)
-    root = _compiled_module(example_inputs)
+    root, _ = _compiled_module(example_inputs)
     backend = _REGISTRY.get(root) if root is not None else _BY_CONFIG.get(tuple(sorted(config.items())))
     if backend is None or backend.config != config:
         backend = DropBP(**config)
@@ -217,56 +230,110 @@ def dropbp(gm: fx.GraphModule, example_inputs: list, options: dict | None = None
     return backend(gm, example_inputs)
 
 
-def _compiled_module(example_inputs) -> nn.Module | None:
-    """The module Dynamo is compiling (the frame local that owns the graph's parameters), if any."""
+def _compiled_module(example_inputs) -> tuple[nn.Module | None, str]:
+    """The model being compiled, and the module path of the frame Dynamo is tracing inside it.
+
+    The model is the ``_orig_mod`` of the outermost ``OptimizedModule`` on the call stack (or, when a
+    function was compiled, the frame local that owns the graph's parameters). When Dynamo falls back
+    to compiling nested frames (a graph break inside a loop over layers), the traced frame is a layer,
+    and its path (``blocks.1``) prefixes the gate names so that they stay model-wide.
+    """
     try:
+        from torch._dynamo.eval_frame import OptimizedModule
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
     except Exception:  # not inside Dynamo (a hand call of the backend)
-        return None
+        return None, ""
     if tx is None:
-        return None
+        return None, ""
     params = {id(t) for t in example_inputs or () if isinstance(t, nn.Parameter)}
-    best, best_owned = None, 0
     candidates = []
     for value in tx.f_locals.values():  # ``self``, or ``args[0]`` of a decorated forward
         candidates.extend(value if isinstance(value, (tuple, list)) else [value])
+    frame_module, best_owned = None, -1
     for value in candidates:
         if isinstance(value, nn.Module):
             owned = sum(id(p) in params for p in value.parameters())
-            if owned > best_owned or best is None:
-                best, best_owned = value, owned
-    return best
+            if owned > best_owned:
+                frame_module, best_owned = value, owned
+
+    root, frame = None, sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, OptimizedModule) and isinstance(owner._orig_mod, nn.Module):
+            root = owner._orig_mod
+        frame = frame.f_back
+    if root is None or frame_module is None or root is frame_module:
+        return root or frame_module, ""
+    prefix = next((name for name, m in root.named_modules() if m is frame_module), "")
+    return root, prefix
 
 
-def _trunk_trains(gm: fx.GraphModule, example_inputs) -> bool:
-    """Does a value that requires grad feed anything outside the gates? (False for LoRA-style models.)"""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = list(example_inputs) if example_inputs is not None else [None] * len(placeholders)
-    for node, value in zip(placeholders, values):
-        if value is None:
-            value = node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            if any(not _is_gate_call(gm, u) for u in node.users):
-                return True
+def _gate_inputs(gm: fx.GraphModule, example_inputs, model: nn.Module):
+    """Yield ``(gate, call node, [(argument index, parameter name)])`` for each gate of ``gm``."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    values = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs or ()))
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            attr = _resolve(gm, node.target)
-            if isinstance(attr, torch.Tensor) and attr.requires_grad:
-                return True
-        elif node.op == "call_module" and not _is_gate_call(gm, node):
-            if any(p.requires_grad for p in gm.get_submodule(node.target).parameters()):
-                return True
-    return False
+        if not _is_gate_call(gm, node):
+            continue
+        gate = gm.get_submodule(node.target)
+        params = []
+        for index, arg in enumerate(node.args):
+            value = values.get(arg)
+            if value is None and isinstance(arg, fx.Node) and arg.op == "get_attr":
+                value = _attr(gm, arg.target)
+            if isinstance(value, nn.Parameter) and id(value) in names:
+                params.append((index, names[id(value)]))
+        params += [(None, names[id(p)]) for p in gate.branch.parameters() if id(p) in names]
+        yield gate, node, params
 
 
-def _is_gate_call(gm, node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), DropGate)
+def _record_gate_params(gm, example_inputs, model, controller) -> None:
+    """Tell the controller which parameters each gate consumes (for ``keep_one_open='auto'``)."""
+    for _, _, params in _gate_inputs(gm, example_inputs, model):
+        controller.gate_params.update(name for _, name in params)
 
 
-def _resolve(gm, target):
+def _anchor_gates(gm: fx.GraphModule, example_inputs, model: nn.Module, prefix: str) -> None:
+    """Let the gates of a layer-frame graph (``blocks.0``) name themselves after the layer they run for.
+
+    Dynamo reuses such a graph for every identical layer; each gate is told which argument is one of
+    its parameters, and names a new layer's gate by swapping the layer prefix: ``blocks.0.mlp`` was
+    compiled with ``blocks.0.mlp.0.weight``; called with ``blocks.1.mlp.0.weight`` it is ``blocks.1.mlp``.
+    """
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for gate, node, params in _gate_inputs(gm, example_inputs, model):
+        anchors = [(i, n) for i, n in params if i is not None and n.startswith(prefix + ".")]
+        if not anchors:
+            continue
+        index, anchor = anchors[0]
+        owned = [n[len(prefix):] for _, n in params if n.startswith(prefix + ".")]  # ".mlp.0.weight", ...
+        gate.anchor, gate.namer = index, _layer_namer(names, anchor[len(prefix):], gate.gate_name[len(prefix):], owned)
+        gate._slots[id(_attr_or_value(gm, node.args[index], example_inputs))] = gate.slot
+
+
+def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[str]):
+    def namer(parameter):
+        full = names.get(id(parameter))
+        if full is None or not full.endswith(suffix):
+            return None, ()
+        layer = full[: len(full) - len(suffix)]
+        return layer + relative, [layer + n for n in owned]
+    return namer
+
+
+def _attr_or_value(gm, node, example_inputs):
+    values = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs or ()))
+    return values[node] if node in values else _attr(gm, node.target)
+
+
+def _attr(gm, target: str):
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part, None)
     return obj
+
+
+def _is_gate_call(gm, node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), DropGate)

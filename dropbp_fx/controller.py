@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -75,12 +76,22 @@ class DropController:
         self.step = 0  # masks drawn so far; the current mask belongs to step ``step - 1``
         self._mask: list[bool] = []
         self._used: set[int] = set()
-        self.trunk_trains: bool | None = None  # does anything outside the gates get a gradient?
+        self.gate_params: set[str] = set()  # names (in the watched model) of parameters the gates consume
+        self._trunk: tuple[int, bool] | None = None  # (len(gate_params), does a parameter outside them train?)
         self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
+        self._model = None  # weakref to the compiled model: its eval mode turns dropping off
+
+    def watch(self, model) -> None:
+        """Drop only while ``model.training`` (a Dynamo graph may not be specialised on the mode)."""
+        self._model = weakref.ref(model)
 
     # ---------------------------------------------------------------- gates
-    def register(self, name: str) -> int:
-        """The slot of gate ``name`` (gates of recompiled graphs share the slot of their name)."""
+    def register(self, name: str, params=()) -> int:
+        """The slot of gate ``name`` (gates of recompiled graphs share the slot of their name).
+
+        ``params``: names of the parameters the gate's branch consumes (see :meth:`trunk_trains`).
+        """
+        self.gate_params.update(params)
         slot = self._slots.get(name)
         if slot is None:
             slot = len(self.gates)
@@ -118,9 +129,25 @@ class DropController:
         self._mask = []  # redraw with the new rates at the next call
 
     # ---------------------------------------------------------------- masks
+    def trunk_trains(self) -> bool:
+        """Does a trainable parameter of the watched model lie outside every gated branch?
+
+        False for LoRA-style fine-tuning (only adapters inside the branches train): a step that closes
+        every gate would then leave the loss without a ``grad_fn``. Parameters count as inside a gate
+        when a gate's branch consumes them (``gate_params``).
+        """
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return False
+        if self._trunk is None or self._trunk[0] != len(self.gate_params):
+            owned = self.gate_params
+            trains = any(p.requires_grad and n not in owned for n, p in model.named_parameters())
+            self._trunk = (len(owned), trains)
+        return self._trunk[1]
+
     def keeps_one_open(self) -> bool:
         if self.keep_one_open == "auto":
-            return not self.trunk_trains
+            return not self.trunk_trains()
         return bool(self.keep_one_open)
 
     def mask_for(self, step: int) -> list[bool]:
@@ -133,6 +160,10 @@ class DropController:
         """Called by a gate on every training-mode call: is the gate closed this step?"""
         if not torch.is_grad_enabled():
             return False
+        if self._model is not None:
+            model = self._model()
+            if model is not None and not model.training:
+                return False
         if slot in self._used or not self._mask:
             self._new_step()
         elif slot >= len(self._mask):  # a graph compiled mid-step brought new gates

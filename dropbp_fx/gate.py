@@ -22,24 +22,38 @@ from torch import nn
 class DropGate(nn.Module):
     """Calls ``branch`` with autograd on when open, off when closed. Always returns a tuple."""
 
-    def __init__(self, branch: nn.Module, name: str, controller) -> None:
+    def __init__(self, branch: nn.Module, name: str, controller, params=()) -> None:
         super().__init__()
         self.branch = branch
         self.gate_name = name
         self.controller = controller
-        self.slot = controller.register(name)
+        self.slot = controller.register(name, params)
         # What runs for an open / a closed gate; an inner compiler may replace either.
         self.run_open = branch
         self.run_closed = branch
+        # A graph Dynamo compiled for one layer's frame is reused for every identical layer: the gate
+        # then tells layers apart by a parameter it receives (argument ``anchor``), naming each with
+        # ``namer(parameter) -> (name, names of the parameters it consumes)``.
+        self.anchor: int | None = None
+        self.namer = None
+        self._slots: dict[int, int] = {}
 
     def forward(self, *args):
-        if self.training and self.controller.is_dropped(self.slot):
+        slot = self.slot if self.anchor is None else self._slot_for(args[self.anchor])
+        if self.training and self.controller.is_dropped(slot):
             with torch.no_grad():
                 outputs = self.run_closed(*args)
             # Outputs made under no_grad may be views; a later in-place add with grad on
             # (``mlp_out += attn_out``) is refused on such views, so hand out plain tensors.
             return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
         return self.run_open(*args)
+
+    def _slot_for(self, parameter) -> int:
+        slot = self._slots.get(id(parameter))
+        if slot is None:
+            name, params = self.namer(parameter)
+            slot = self._slots[id(parameter)] = self.controller.register(name or self.gate_name, params)
+        return slot
 
     def extra_repr(self) -> str:
         return f"name={self.gate_name!r}, slot={self.slot}"
