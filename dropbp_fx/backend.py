@@ -101,6 +101,10 @@ class DropBP:
             _REGISTRY[root] = self
             self.controller.watch(root)
             self._root = weakref.ref(root)
+        else:
+            function = _compiled_function()
+            if function is not None:
+                _REGISTRY[function] = self
         index = len(self.graphs)
         if not torch.is_grad_enabled():
             return self._unchanged(gm, index, "traced with grad disabled: no gates")
@@ -135,8 +139,9 @@ class DropBP:
             self._weights[branch.name] = branch.weight
             self.side_outputs[branch.name] = len(branch.side_outputs)
         gate_residual_branches(gm, analysis.branches, self.controller)
-        if self._root is None:  # a hand-traced GraphModule: its own parameters and mode
+        if self._root is None:  # a hand-traced GraphModule or a compiled function: its own parameters and mode
             self.controller.watch(gm)
+            self.controller.trunk_inputs_train |= _grad_input_feeds_trunk(gm, example_inputs)
         model = self._root() if self._root is not None else gm
         _record_gate_params(gm, example_inputs, model, self.controller)
         if name_prefix:
@@ -202,14 +207,16 @@ class DropBP:
 
 
 # ---------------------------------------------------------------------- helpers
-_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, DropBP]" = weakref.WeakKeyDictionary()
-_BY_CONFIG: dict[tuple, DropBP] = {}
+_REGISTRY: "weakref.WeakKeyDictionary[object, DropBP]" = weakref.WeakKeyDictionary()  # model or function
 
 
 def get_dropbp(model) -> DropBP:
-    """The :class:`DropBP` state of a model compiled with ``backend="dropbp"`` (after its first call)."""
-    module = getattr(model, "_orig_mod", model)
-    found = _REGISTRY.get(module) if isinstance(module, nn.Module) else None
+    """The :class:`DropBP` state of a model (or function) compiled with ``backend="dropbp"``, after its first call."""
+    target = getattr(model, "_orig_mod", None) or getattr(model, "_torchdynamo_orig_callable", model)
+    try:
+        found = _REGISTRY.get(target)
+    except TypeError:  # not weak-referenceable: never registered
+        found = None
     if found is None:
         raise LookupError("no dropbp state for this model: compile it with torch.compile(model, backend='dropbp') "
                           "and run one forward first (Dynamo compiles lazily)")
@@ -221,13 +228,39 @@ def dropbp(gm: fx.GraphModule, example_inputs: list, options: dict | None = None
     if mode is not None:
         raise ValueError(f"dropbp takes options={{...}}, not mode={mode!r}; valid options: {sorted(OPTIONS)}")
     config = validate_options(options)
-    root, _ = _compiled_module(example_inputs)
-    backend = _REGISTRY.get(root) if root is not None else _BY_CONFIG.get(tuple(sorted(config.items())))
-    if backend is None or backend.config != config:
+    call = _torch_compile_call()  # one state per torch.compile(...) call, shared by all its graphs
+    backend = getattr(call, "_dropbp_state", None)
+    if backend is None:
         backend = DropBP(**config)
-        if root is None:
-            _BY_CONFIG[tuple(sorted(config.items()))] = backend
+        if call is not None:
+            call._dropbp_state = backend
     return backend(gm, example_inputs)
+
+
+def _compiled_function():
+    """The function passed to ``torch.compile`` (found on the call stack), when no module was."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "compile_wrapper" and "fn" in frame.f_locals:
+            fn = frame.f_locals["fn"]
+            try:
+                weakref.ref(fn)
+            except TypeError:
+                return None
+            return fn
+        frame = frame.f_back
+    return None
+
+
+def _torch_compile_call():
+    """The ``torch._TorchCompileWrapper`` of the ``torch.compile(...)`` call whose graph is being compiled."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "_TorchCompileWrapper":
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def _compiled_module(example_inputs) -> tuple[nn.Module | None, str]:
@@ -333,6 +366,16 @@ def _attr(gm, target: str):
     for part in target.split("."):
         obj = getattr(obj, part, None)
     return obj
+
+
+def _grad_input_feeds_trunk(gm: fx.GraphModule, example_inputs) -> bool:
+    """Does an input that requires grad (a function's weight) feed a node outside the gates?"""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs or ()):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            if any(not _is_gate_call(gm, user) for user in node.users):
+                return True
+    return False
 
 
 def _is_gate_call(gm, node) -> bool:

@@ -78,6 +78,7 @@ class DropController:
         self._used: set[int] = set()
         self.gate_params: set[str] = set()  # names (in the watched model) of parameters the gates consume
         self._trunk: tuple[int, bool] | None = None  # (len(gate_params), does a parameter outside them train?)
+        self.trunk_inputs_train = False  # set for graphs of compiled functions: a grad input feeds the trunk
         self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
         self._model = None  # weakref to the compiled model: its eval mode turns dropping off
 
@@ -137,8 +138,8 @@ class DropController:
         when a gate's branch consumes them (``gate_params``).
         """
         model = self._model() if self._model is not None else None
-        if model is None:
-            return False
+        if model is None or self.trunk_inputs_train:
+            return self.trunk_inputs_train
         if self._trunk is None or self._trunk[0] != len(self.gate_params):
             owned = self.gate_params
             trains = any(p.requires_grad and n not in owned for n, p in model.named_parameters())

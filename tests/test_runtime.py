@@ -324,3 +324,39 @@ def test_summary_names_gates_and_rates(caplog):
     assert any("2 residual branches gated (blocks.0.mlp, blocks.1.mlp)" in r.getMessage() for r in caplog.records)
     table = dbp.summary()
     assert "blocks.0.mlp" in table and "blocks.1.mlp" in table and "0.250" in table and "50.0%" in table
+
+
+def _residual_fn(x, w0, w1, w2):
+    h = torch.nn.functional.linear(x, w0)
+    return h + torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(h, w1)), w2)
+
+
+def _residual_fn_copy(x, w0, w1, w2):
+    h = torch.nn.functional.linear(x, w0)
+    return h + torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(h, w1)), w2)
+
+
+def test_compiled_function_drops_when_its_trunk_trains():
+    """A compiled function has no module to inspect: a weight that requires grad feeding the trunk
+    (``w0`` here) means the only gate may be closed; it is not kept open every step."""
+    x = torch.randn(4, 8)
+    w = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli")
+    compiled = torch.compile(_residual_fn, backend=dbp)
+    for _ in range(50):
+        compiled(x, *w).sum().backward()
+    drops, calls = dbp.counts()["branch_add"]
+    assert calls == 50 and 10 < drops < 40
+    assert dbp.controller.trunk_trains()
+
+
+def test_each_torch_compile_call_gets_its_own_state():
+    x = torch.randn(4, 8)
+    w = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    first = torch.compile(_residual_fn, backend="dropbp", options={"drop_rate": 0.5})
+    second = torch.compile(_residual_fn_copy, backend="dropbp", options={"drop_rate": 0.5})
+    for _ in range(3):
+        first(x, *w).sum().backward()
+    second(x, *w).sum().backward()
+    assert dropbp_fx.get_dropbp(first).step == 3
+    assert dropbp_fx.get_dropbp(second).step == 1
