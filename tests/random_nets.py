@@ -1,0 +1,604 @@
+"""Random residual networks with known residual branches, for the property tests.
+
+A hypothesis strategy draws a :class:`NetSpec`; :func:`build` turns it into an
+``nn.Module`` plus its ground truth (:class:`Truth`): the names the residual
+analysis must report (gated innermost branches and nested outer branches), the kind of
+each, and for each gated branch the module whose output *is* the branch value (what
+the oracle detaches when the gate is closed).
+
+Nothing here imports ``dropbp_fx`` or ``passes``: the truth follows from how the
+network is put together, using the naming rule of the analysis:
+
+* a branch is named after the common module path of its compute nodes (linear,
+  matmul, conv, attention); a branch module holding a single ``Linear`` is named after
+  that ``Linear``;
+* when the module of that common path also holds the residual add (a block whose
+  branch layers are its direct children, BERT-style), the name lists the children:
+  ``blocks.1.{b0_fc1,b0_fc2}``;
+* the second call of a shared block gives the same paths again: ``name#1``.
+
+Shapes of branches: pre-norm ``x + f(norm(x))``, post-norm ``norm(x + f(x))``,
+sandwich ``x + norm(f(norm(x)))``, parallel ``x + f(ln(x)) + g(ln(x))`` (three
+associations), projection ``f(x) + proj(x)``, nesting (``f`` holds ``h + g(h)``), every add
+spelling (``+``, ``+=``, ``torch.add(alpha=)``, ``Tensor.add``, a skip through a view / copy /
+cast), attention branches that also return their k and v (side outputs). Decoy adds that must not be detected: RoPE, ``var + eps``, bias
+adds, position embeddings, ``arange + offset``, attention mask / position-bias adds,
+tied-weight sums and a parameter-free ``x + relu(x) * 0.5``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+T = 4  # sequence length
+BATCH = 2
+
+# Add spellings. ``iadd_out``: ``y = f(x); y += x`` (the fresh tensor is the branch output);
+# ``iadd_clone``: ``y = x.clone(); y += f(x)``; ``alpha``: ``torch.add(a, b, alpha=0.5)``;
+# ``alias_*``: the skip goes through a view / copy / cast of itself first (``x.view(x.shape) + f(x)``).
+ADDS = ("plus", "torch_add", "alpha", "method", "iadd_out", "iadd_clone", "alias_view", "alias_contiguous",
+        "alias_to")
+SUM_ADDS = ("plus", "torch_add", "alpha", "method", "iadd_out")  # for ``f + g`` (no skip operand)
+# ``x.to(f(x).dtype) + f(x)``: a dtype query of the branch output, the known bug of
+# test_known_bug_shape_query_of_branch_output (symbolic_trace graphs only); drawn with known_bugs=True
+KNOWN_BUG_ADDS = ("cast_to_out",)
+
+
+def residual_add(spelling: str, skip: torch.Tensor, out: torch.Tensor, skip_first: bool) -> torch.Tensor:
+    """``skip + out`` in the chosen spelling (``skip_first`` picks the operand order where it is free)."""
+    if spelling == "iadd_out":
+        y = out
+        y += skip
+        return y
+    if spelling == "iadd_clone":
+        y = skip.clone()
+        y += out
+        return y
+    if spelling.startswith("alias_") or spelling == "cast_to_out":
+        skip = {"alias_view": lambda: skip.view(skip.shape), "alias_contiguous": lambda: skip.contiguous(),
+                "alias_to": lambda: skip.to(skip.dtype), "cast_to_out": lambda: skip.to(out.dtype)}[spelling]()
+        spelling = "plus"
+    a, b = (skip, out) if skip_first else (out, skip)
+    return plain_add(spelling, a, b)
+
+
+def plain_add(spelling: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if spelling == "plus":
+        return a + b
+    if spelling == "torch_add":
+        return torch.add(a, b)
+    if spelling == "alpha":
+        return torch.add(a, b, alpha=0.5)
+    if spelling == "method":
+        return a.add(b)
+    if spelling == "iadd_out":  # ``a`` must be a fresh tensor
+        a += b
+        return a
+    raise ValueError(spelling)
+
+
+# ---------------------------------------------------------------------------
+# specs
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BranchSpec:
+    """One residual branch. ``body``: single | mlp | func | attn | nested."""
+
+    body: str = "mlp"
+    hidden: int = 8
+    norm: str = "ln"  # ln | rms (a functional RMSNorm: ``var + eps`` decoy)
+    style: str = "pre"  # pre | post | sandwich
+    norm_in_block: bool = False  # pre-norm: the norm is a module of the block, not of the branch module
+    flat: bool = False  # the branch's layers are children of the block (BERT-style); single/mlp only
+    add: str = "plus"
+    skip_first: bool = True
+    layer_scale: bool = False  # ``gamma * f(x)`` with a parameter gamma (branch module only)
+    relu_half: bool = False  # decoy ``h + relu(h) * 0.5`` inside an mlp
+    rope: bool = False  # attn: ``q * cos + rot(q) * sin`` with cos/sin buffers
+    mask: str = "none"  # attn: none | input | buffer | bias (an nn.Parameter position bias)
+    sdpa: bool = False  # attn: F.scaled_dot_product_attention instead of matmul/softmax/matmul
+    cache: bool = False  # attn: also return (k, v), which the network returns (a KV cache: side outputs)
+    inner: "BranchSpec | None" = None  # nested: the inner residual branch
+    inner_post: bool = False  # nested: ``norm(h + g(h))`` instead of ``h + g(h)``
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kind: str = "seq"  # seq | parallel | projection
+    branches: tuple[BranchSpec, ...] = (BranchSpec(),)
+    assoc: str = "left"  # parallel: left (x+f)+g | right x+(f+g) | sum_first (f+g)+x
+    shared_ln: bool = True  # parallel: one ln for both terms
+    sum_add: str = "plus"  # parallel right/sum_first: spelling of f + g
+    d_out: int = 8  # projection
+    post_norm: bool = False  # projection: ``norm(f(x) + proj(x))``
+    after: str = "none"  # none | relu_half: a decoy add between this block and the next
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    blocks: tuple[BlockSpec, ...] = (BlockSpec(),)
+    d_in: int = 8
+    width: int = 8
+    stem: str = "none"  # none | linear | pos | arange_pos | tied
+    repeat_last: bool = False  # call the last block a second time (shared weights: ``name#1``)
+    head: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str  # expected gate name
+    detach: str  # module whose output is the branch value
+    call: int  # which call of that module (0, or 1 for the repeated block)
+    kind: str
+
+
+@dataclass
+class Truth:
+    gates: list[Gate] = field(default_factory=list)
+    outer: list[tuple[str, str]] = field(default_factory=list)  # (name, kind)
+
+    @property
+    def gated_names(self) -> set[str]:
+        return {g.name for g in self.gates}
+
+    @property
+    def outer_names(self) -> set[str]:
+        return {n for n, _ in self.outer}
+
+    def extend(self, other: "Truth") -> None:
+        self.gates += other.gates
+        self.outer += other.outer
+
+
+# ---------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps) * self.weight
+
+
+def make_norm(kind: str, d: int) -> nn.Module:
+    if kind == "rms":
+        return RMSNorm(d)
+    norm = nn.LayerNorm(d)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(d))
+        norm.bias.add_(0.1 * torch.randn(d))
+    return norm
+
+
+def call_branch(branch: nn.Module, x, mask, cache: list):
+    """``branch(x, mask)``; side outputs (``(k, v)`` of a caching attention) go to ``cache``."""
+    out = branch(x, mask)
+    if isinstance(out, tuple):
+        out, side = out
+        cache.extend(side)
+    return out
+
+
+def rotate_half(q):
+    half = q.shape[-1] // 2
+    return torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+
+
+class Branch(nn.Module):
+    """A residual branch as a module of its own: ``gamma * norm_out(body(norm_in(x)))``."""
+
+    def __init__(self, spec: BranchSpec, d_in: int, d_out: int, *, norm_in: bool, norm_out: bool) -> None:
+        super().__init__()
+        self.spec = spec
+        h = spec.hidden
+        if norm_in:
+            self.norm_in = make_norm(spec.norm, d_in)
+        body = spec.body
+        if body == "single":
+            self.fc = nn.Linear(d_in, d_out)
+        elif body == "mlp":
+            self.fc1 = nn.Linear(d_in, h)
+            self.fc2 = nn.Linear(h, d_out)
+        elif body == "func":
+            self.w1 = nn.Parameter(torch.randn(h, d_in) / math.sqrt(d_in))
+            self.b1 = nn.Parameter(0.1 * torch.randn(h))
+            self.w2 = nn.Parameter(torch.randn(d_out, h) / math.sqrt(h))
+            self.b2 = nn.Parameter(0.1 * torch.randn(d_out))
+        elif body == "attn":
+            assert d_in == d_out
+            self.q, self.k, self.v, self.o = (nn.Linear(d_in, d_in) for _ in range(4))
+            if spec.rope:
+                pos = torch.arange(T, dtype=torch.float32)[:, None]
+                freq = torch.arange(d_in, dtype=torch.float32)[None, :] / d_in
+                self.register_buffer("cos", torch.cos(pos * freq))
+                self.register_buffer("sin", torch.sin(pos * freq))
+            if spec.mask == "buffer":
+                self.register_buffer("mask_buf", torch.randn(T, T))
+            elif spec.mask == "bias":
+                self.pos_bias = nn.Parameter(torch.randn(T, T))
+        elif body == "nested":
+            self.fc_in = nn.Linear(d_in, h)
+            self.inner = Branch(spec.inner, h, h, norm_in=True, norm_out=False)
+            if spec.inner_post:
+                self.inner_norm = make_norm(spec.norm, h)
+            self.fc_out = nn.Linear(h, d_out)
+        else:
+            raise ValueError(body)
+        if norm_out:
+            self.norm_out = make_norm(spec.norm, d_out)
+        if spec.layer_scale:
+            self.gamma = nn.Parameter(0.5 + 0.1 * torch.randn(d_out))
+
+    def forward(self, x, mask=None):
+        spec = self.spec
+        if hasattr(self, "norm_in"):
+            x = self.norm_in(x)
+        if spec.body == "single":
+            y = self.fc(x)
+        elif spec.body == "mlp":
+            h = F.gelu(self.fc1(x))
+            if spec.relu_half:
+                h = h + torch.relu(h) * 0.5
+            y = self.fc2(h)
+        elif spec.body == "func":
+            h = torch.tanh(x @ self.w1.T + self.b1)
+            y = h @ self.w2.T + self.b2
+        elif spec.body == "attn":
+            y = self._attention(x, mask)
+            if spec.cache:
+                y, side = y
+        else:  # nested
+            h = self.fc_in(x)
+            h = residual_add(spec.inner.add, h, self.inner(h, mask), spec.inner.skip_first)
+            if spec.inner_post:
+                h = self.inner_norm(h)
+            y = self.fc_out(torch.relu(h))
+        if hasattr(self, "norm_out"):
+            y = self.norm_out(y)
+        if spec.layer_scale:
+            y = self.gamma * y
+        return (y, side) if spec.body == "attn" and spec.cache else y
+
+    def _attention(self, x, mask):
+        """``o(attention)``, or ``(o(attention), (k, v))`` with ``spec.cache`` (see :func:`call_branch`)."""
+        spec = self.spec
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if spec.rope:
+            q = q * self.cos + rotate_half(q) * self.sin
+            k = k * self.cos + rotate_half(k) * self.sin
+        bias = {"none": None, "input": mask, "buffer": getattr(self, "mask_buf", None),
+                "bias": getattr(self, "pos_bias", None)}[spec.mask]
+        if spec.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if bias is not None:
+                scores = scores + bias
+            a = torch.softmax(scores, dim=-1) @ v
+        return (self.o(a), (k, v)) if spec.cache else self.o(a)
+
+    def truth(self, path: str, kind: str) -> Truth:
+        """The gated (innermost) and outer branches of ``x + self(x)`` with this module at ``path``."""
+        spec = self.spec
+        if spec.body == "nested":
+            t = self.inner.truth(f"{path}.inner", "identity")
+            t.outer.append((path, kind))
+            return t
+        name = f"{path}.fc" if spec.body == "single" else path
+        return Truth([Gate(name, path, 0, kind)])
+
+
+class SeqBlock(nn.Module):
+    """One or more branches applied in sequence: ``x = x + b0(x); x = x + b1(x)``."""
+
+    def __init__(self, spec: BlockSpec, d: int) -> None:
+        super().__init__()
+        self.spec = spec
+        for j, b in enumerate(spec.branches):
+            pre = f"b{j}"
+            in_block = b.style == "pre" and b.norm_in_block
+            if b.flat:
+                if b.style in ("pre", "sandwich"):
+                    self.add_module(f"{pre}_norm", make_norm(b.norm, d))
+                if b.body == "single":
+                    self.add_module(f"{pre}_fc", nn.Linear(d, d))
+                else:
+                    self.add_module(f"{pre}_fc1", nn.Linear(d, b.hidden))
+                    self.add_module(f"{pre}_fc2", nn.Linear(b.hidden, d))
+                if b.style == "sandwich":
+                    self.add_module(f"{pre}_norm_out", make_norm(b.norm, d))
+            else:
+                if in_block:
+                    self.add_module(f"{pre}_norm", make_norm(b.norm, d))
+                norm_in = b.style == "sandwich" or (b.style == "pre" and not in_block)
+                self.add_module(pre, Branch(b, d, d, norm_in=norm_in, norm_out=b.style == "sandwich"))
+            if b.style == "post":
+                self.add_module(f"{pre}_post", make_norm(b.norm, d))
+
+    def _flat(self, pre: str, b: BranchSpec, x):
+        if hasattr(self, f"{pre}_norm"):
+            x = getattr(self, f"{pre}_norm")(x)
+        if b.body == "single":
+            y = getattr(self, f"{pre}_fc")(x)
+        else:
+            y = getattr(self, f"{pre}_fc2")(F.gelu(getattr(self, f"{pre}_fc1")(x)))
+        if hasattr(self, f"{pre}_norm_out"):
+            y = getattr(self, f"{pre}_norm_out")(y)
+        return y
+
+    def forward(self, x, mask, cache):
+        for j, b in enumerate(self.spec.branches):
+            pre = f"b{j}"
+            if b.flat:
+                y = self._flat(pre, b, x)
+            else:
+                inp = getattr(self, f"{pre}_norm")(x) if hasattr(self, f"{pre}_norm") else x
+                y = call_branch(getattr(self, pre), inp, mask, cache)
+            x = residual_add(b.add, x, y, b.skip_first)
+            if b.style == "post":
+                x = getattr(self, f"{pre}_post")(x)
+        return x
+
+    def truth(self, path: str) -> Truth:
+        t = Truth()
+        for j, b in enumerate(self.spec.branches):
+            pre = f"b{j}"
+            if b.flat:
+                if b.body == "single":
+                    name = f"{path}.{pre}_fc"
+                else:
+                    name = f"{path}.{{{pre}_fc1,{pre}_fc2}}"
+                last = f"{pre}_norm_out" if b.style == "sandwich" else (f"{pre}_fc" if b.body == "single"
+                                                                          else f"{pre}_fc2")
+                t.gates.append(Gate(name, f"{path}.{last}", 0, "identity"))
+            else:
+                t.extend(getattr(self, pre).truth(f"{path}.{pre}", "identity"))
+        return t
+
+
+class ParallelBlock(nn.Module):
+    """``x + f(ln(x)) + g(ln(x))`` in one of three associations."""
+
+    def __init__(self, spec: BlockSpec, d: int) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.shared_ln:
+            self.ln = make_norm(spec.branches[0].norm, d)
+        self.f = Branch(spec.branches[0], d, d, norm_in=not spec.shared_ln, norm_out=False)
+        self.g = Branch(spec.branches[1], d, d, norm_in=not spec.shared_ln, norm_out=False)
+
+    def forward(self, x, mask, cache):
+        spec = self.spec
+        h = self.ln(x) if spec.shared_ln else x
+        f_spec, g_spec = spec.branches
+        if spec.assoc == "left":
+            x = residual_add(f_spec.add, x, call_branch(self.f, h, mask, cache), f_spec.skip_first)
+            return residual_add(g_spec.add, x, call_branch(self.g, h, mask, cache), g_spec.skip_first)
+        s = plain_add(spec.sum_add, call_branch(self.f, h, mask, cache), call_branch(self.g, h, mask, cache))
+        return residual_add(f_spec.add, x, s, spec.assoc == "right")
+
+    def truth(self, path: str) -> Truth:
+        kind = "identity" if self.spec.assoc == "left" else "parallel"
+        t = self.f.truth(f"{path}.f", kind)
+        t.extend(self.g.truth(f"{path}.g", kind))
+        return t
+
+
+class ProjectionBlock(nn.Module):
+    """``f(x) + proj(x)``: ``f`` a >=2-layer branch, ``proj`` a single Linear (the skip)."""
+
+    def __init__(self, spec: BlockSpec, d: int) -> None:
+        super().__init__()
+        self.spec = spec
+        b = spec.branches[0]
+        self.f = Branch(b, d, spec.d_out, norm_in=b.style == "pre", norm_out=False)
+        self.proj = nn.Linear(d, spec.d_out)
+        if spec.post_norm:
+            self.norm = make_norm(b.norm, spec.d_out)
+
+    def forward(self, x, mask, cache):
+        b = self.spec.branches[0]
+        y = residual_add(b.add, self.proj(x), self.f(x, mask), b.skip_first)
+        return self.norm(y) if self.spec.post_norm else y
+
+    def truth(self, path: str) -> Truth:
+        return self.f.truth(f"{path}.f", "projection")
+
+
+BLOCKS = {"seq": SeqBlock, "parallel": ParallelBlock, "projection": ProjectionBlock}
+
+
+class Net(nn.Module):
+    def __init__(self, spec: NetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d = spec.width
+        if spec.stem in ("linear", "tied"):
+            self.inp = nn.Linear(spec.d_in, d)
+        elif spec.stem == "pos":
+            self.pos_emb = nn.Parameter(torch.randn(T + 3, d))
+        elif spec.stem == "arange_pos":
+            self.offset = 2
+            self.pos_table = nn.Parameter(torch.randn(T + 3, d))
+        self.blocks = nn.ModuleList()
+        for b in spec.blocks:
+            self.blocks.append(BLOCKS[b.kind](b, d))
+            if b.kind == "projection":
+                d = b.d_out
+        if spec.head:
+            self.head_norm = make_norm("ln", d)
+            self.head = nn.Linear(d, 3)
+
+    def forward(self, x, ctx, mask):
+        """The output, or ``(output, *kv_cache)`` when some attention branch caches its k and v."""
+        cache = []
+        stem = self.spec.stem
+        if stem == "linear":
+            x = self.inp(x)
+        elif stem == "tied":  # one Linear applied to two independent inputs: not a residual
+            x = self.inp(x) + self.inp(ctx)
+        elif stem == "pos":
+            x = x + self.pos_emb[: x.shape[1]]
+        elif stem == "arange_pos":
+            ids = torch.arange(x.shape[1], device=x.device) + self.offset
+            x = x + self.pos_table[ids]
+        for block, b in zip(self.blocks, self.spec.blocks):
+            x = block(x, mask, cache)
+            if b.after == "relu_half":
+                x = x + torch.relu(x) * 0.5
+        if self.spec.repeat_last:
+            x = self.blocks[-1](x, mask, cache)
+        if self.spec.head:
+            x = self.head(self.head_norm(x))
+        return (x, *cache) if cache else x
+
+    def truth(self) -> Truth:
+        t = Truth()
+        for i, block in enumerate(self.blocks):
+            t.extend(block.truth(f"blocks.{i}"))
+        if self.spec.repeat_last:
+            last = self.blocks[-1].truth(f"blocks.{len(self.blocks) - 1}")
+            t.gates += [replace(g, name=g.name + "#1", call=1) for g in last.gates]
+            t.outer += [(n + "#1", k) for n, k in last.outer]
+        return t
+
+    def inputs(self, seed: int = 0, requires_grad: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        d = self.spec.d_in if self.spec.stem in ("linear", "tied") else self.spec.width
+        dtype = next(self.parameters()).dtype
+        x = torch.randn(BATCH, T, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
+        ctx = torch.randn(BATCH, T, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
+        mask = torch.randn(T, T, generator=g, dtype=dtype)
+        return x, ctx, mask
+
+
+def build(spec: NetSpec, dtype=torch.float64) -> tuple[Net, Truth]:
+    torch.manual_seed(spec.seed)
+    net = Net(spec).to(dtype)
+    return net, net.truth()
+
+
+# ---------------------------------------------------------------------------
+# strategies
+# ---------------------------------------------------------------------------
+widths = st.sampled_from([4, 6, 8, 12])
+norms = st.sampled_from(["ln", "rms"])
+
+
+@st.composite
+def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested"), nest_depth=0, styles=("pre", "post",
+                 "sandwich"), flat_ok=True, known_bugs=False) -> BranchSpec:
+    allowed = [b for b in bodies if b != "nested" or nest_depth < 2]
+    body = draw(st.sampled_from(allowed))
+    spec = BranchSpec(
+        body=body,
+        hidden=draw(widths),
+        norm=draw(norms),
+        style=draw(st.sampled_from(styles)),
+        norm_in_block=draw(st.booleans()),
+        flat=flat_ok and body in ("single", "mlp") and draw(st.booleans()),
+        add=draw(st.sampled_from(ADDS + (KNOWN_BUG_ADDS if known_bugs else ()))),
+        skip_first=draw(st.booleans()),
+        relu_half=body == "mlp" and draw(st.booleans()),
+    )
+    if not spec.flat:
+        spec = replace(spec, layer_scale=draw(st.booleans()))
+    if body == "attn":
+        spec = replace(spec, rope=draw(st.booleans()), mask=draw(st.sampled_from(["none", "input", "buffer", "bias"])),
+                       sdpa=draw(st.booleans()), cache=nest_depth == 0 and draw(st.booleans()))
+    if body == "nested":
+        # the inner residual runs inside the branch module: pre-norm (norm inside the inner module) or post-norm
+        inner = draw(branch_specs(nest_depth=nest_depth + 1, styles=("pre",), flat_ok=False, known_bugs=known_bugs))
+        spec = replace(spec, inner=replace(inner, norm_in_block=False), inner_post=draw(st.booleans()))
+    return spec
+
+
+@st.composite
+def block_specs(draw, known_bugs: bool = False) -> BlockSpec:
+    kind = draw(st.sampled_from(["seq", "seq", "parallel", "projection"]))
+    after = draw(st.sampled_from(["none", "none", "relu_half"]))
+    if kind == "seq":
+        branches = tuple(draw(st.lists(branch_specs(known_bugs=known_bugs), min_size=1, max_size=2)))
+        return BlockSpec("seq", branches, after=after)
+    if kind == "parallel":
+        # both terms at least two compute layers deep: a single-Linear term next to a deeper one
+        # is the known bug of test_known_bug_parallel_single_linear_term
+        bodies = ("mlp", "func", "attn", "nested") + (("single",) if known_bugs else ())
+        terms = st.builds(lambda s: replace(s, style="pre", norm_in_block=False),
+                          branch_specs(bodies=bodies, flat_ok=False, known_bugs=known_bugs))
+        f, g = draw(terms), draw(terms)
+        return BlockSpec("parallel", (f, g), assoc=draw(st.sampled_from(["left", "right", "sum_first"])),
+                         shared_ln=draw(st.booleans()), sum_add=draw(st.sampled_from(SUM_ADDS)), after=after)
+    # projection: f = mlp or nested (>= 2 Linear layers, heavier than proj), proj = one Linear.
+    # style "pre": f starts with its own norm; "post": it does not (the block may end in a norm: post_norm).
+    # A functional f (``h @ W.T + b``) is the known bug of test_known_bug_projection_transposed_weights.
+    bodies = ("mlp", "nested") + (("func",) if known_bugs else ())
+    f = draw(branch_specs(bodies=bodies, styles=("pre", "post"), flat_ok=False, known_bugs=known_bugs))
+    f = replace(f, hidden=max(f.hidden, 8))
+    return BlockSpec("projection", (f,), d_out=draw(widths), post_norm=draw(st.booleans()), after=after)
+
+
+@st.composite
+def net_specs(draw, max_blocks: int = 4, known_bugs: bool = False) -> NetSpec:
+    """A random network of 1..``max_blocks`` blocks.
+
+    ``known_bugs=False`` leaves out the shapes of the known bugs (the ``test_known_bug_*`` tests of
+    ``test_properties.py``): an input mask added in two layers (:func:`one_input_mask`), a parallel
+    term that is a single Linear, a projection branch written as ``h @ W.T + b``, a skip cast to the
+    branch output's dtype (``x.to(f(x).dtype) + f(x)``).
+    """
+    width = draw(widths)
+    n = draw(st.integers(1, max_blocks))
+    blocks = [draw(block_specs(known_bugs)) for _ in range(n)]
+    spec = NetSpec(blocks=tuple(blocks), d_in=draw(widths), width=width,
+                   stem=draw(st.sampled_from(["none", "linear", "pos", "arange_pos", "tied"])),
+                   repeat_last=blocks[-1].kind != "projection" and draw(st.booleans()),
+                   head=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+    return spec if known_bugs else one_input_mask(spec)
+
+
+def _map_branches(spec: BranchSpec, fn) -> BranchSpec:
+    """``fn`` applied to ``spec`` and its nested inner branches, innermost first (forward order)."""
+    if spec.inner is not None:
+        spec = replace(spec, inner=_map_branches(spec.inner, fn))
+    return fn(spec)
+
+
+def one_input_mask(spec: NetSpec) -> NetSpec:
+    """Turn every ``scores + mask`` add of the model's ``mask`` input that comes after another use of
+    that input (or sits in a block that runs twice) into ``scores + mask_buffer``.
+
+    That is the known detection bug of ``test_properties.py::test_known_bug_mask_input_in_two_layers``:
+    once the mask has fed the residual stream (through an earlier attention, explicit add or SDPA),
+    it reaches the next layer's scores and is taken for a stream itself. SDPA uses have no add node
+    and are kept.
+    """
+    seen = False
+    last = len(spec.blocks) - 1
+
+    def demote(repeated):
+        def fn(b: BranchSpec) -> BranchSpec:
+            nonlocal seen
+            if b.body == "attn" and b.mask == "input":
+                if not b.sdpa and (seen or repeated):
+                    return replace(b, mask="buffer")
+                seen = True
+            return b
+        return fn
+
+    blocks = []
+    for i, block in enumerate(spec.blocks):
+        fn = demote(spec.repeat_last and i == last)
+        blocks.append(replace(block, branches=tuple(_map_branches(b, fn) for b in block.branches)))
+    return replace(spec, blocks=tuple(blocks))

@@ -1,0 +1,447 @@
+"""Property tests over random residual networks (``tests/random_nets.py``).
+
+1. Detection: on ``torch.fx.symbolic_trace`` graphs and on Dynamo graphs, the gated
+   (innermost) and outer branch names, and their kinds, are exactly those the network was
+   built with; none of the decoy adds is taken for a residual.
+2. Rewrite: after ``DropBP.transform`` the graph lints and its forward output is bit-identical
+   to the original module's, whatever the mask.
+3. Gradients: parameter and input gradients equal those of the oracle, the original module run
+   eagerly with the outputs of the dropped branches' modules detached, for the mask the gates
+   drew (``dbp.last_mask``); the parameters of a dropped branch get no gradient at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._pytree import tree_map
+
+import dropbp_fx
+from passes import find_residual_branches
+from tests import random_nets as rn
+from tests.oracle import assert_same_grads, detached, grads
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def budget(n: int, share: float = 1.0) -> int:
+    """``n`` examples under the default profile; a share of a larger profile's ``max_examples`` (fuzz)."""
+    return max(n, int(settings.default.max_examples * share))
+
+ALWAYS = 0.999999  # with policy="bernoulli": dropped unless the uniform draw is >= 0.999999
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The networks are tiny: intra-op threads only add overhead (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def found(analysis) -> tuple[dict[str, str], dict[str, str]]:
+    """(gated name -> kind, outer name -> kind) of a ``ResidualAnalysis``."""
+    gated = {b.name: b.kind for b in analysis.branches}
+    outer = {b.name: b.kind for b in analysis.outer}
+    assert len(gated) == len(analysis.branches) and len(outer) == len(analysis.outer), "duplicate branch names"
+    return gated, outer
+
+
+def expected(truth: rn.Truth) -> tuple[dict[str, str], dict[str, str]]:
+    return {g.name: g.kind for g in truth.gates}, dict(truth.outer)
+
+
+def explain(analysis) -> str:
+    return "skipped adds: " + "; ".join(f"{s.add.name} in {s.module!r}: {s.reason}" for s in analysis.skipped)
+
+
+@contextlib.contextmanager
+def detached_calls(model: nn.Module, calls: dict[str, set[int]]):
+    """Like ``oracle.detached``, but only for the given calls (0, 1, ...) of each module.
+
+    Needed when a block runs twice with shared weights and only one of its calls is dropped.
+    """
+    handles = []
+    for path, which in calls.items():
+        counter = {"n": 0}
+
+        def hook(mod, args, out, which=which, counter=counter):
+            n = counter["n"]
+            counter["n"] += 1
+            return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out) if n in which else out
+
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def oracle_context(model: nn.Module, truth: rn.Truth, mask: dict[str, bool]):
+    dropped = [g for g in truth.gates if mask[g.name]]
+    if not any(g.call for g in truth.gates):  # every branch module runs once: the plain oracle
+        return detached(model, [g.detach for g in dropped])
+    calls: dict[str, set[int]] = {}
+    for g in dropped:
+        calls.setdefault(g.detach, set()).add(g.call)
+    return detached_calls(model, calls)
+
+
+def outputs(out) -> tuple[torch.Tensor, ...]:
+    """The network's output, and its KV cache if it returns one."""
+    return out if isinstance(out, tuple) else (out,)
+
+
+def same(out, expected) -> bool:
+    out, expected = outputs(out), outputs(expected)
+    return len(out) == len(expected) and all(torch.equal(a, e) for a, e in zip(out, expected))
+
+
+def loss_of(out) -> torch.Tensor:
+    """A loss over every output (the cache too: side outputs of the gates must be right as well)."""
+    return sum((t * torch.linspace(-1.0, 2.0, t.numel(), dtype=t.dtype).reshape(t.shape)).sum() for t in outputs(out))
+
+
+def input_grads(inputs) -> list[torch.Tensor | None]:
+    return [None if t.grad is None else t.grad.clone() for t in inputs[:2]]
+
+
+def check_step(run, sut: nn.Module, ref: nn.Module, net: rn.Net, truth: rn.Truth, dbp, step: int) -> dict:
+    """One training step of ``run`` (the rewritten module) against the eager original and the oracle."""
+    for p in (*sut.parameters(), *ref.parameters()):
+        p.grad = None
+    inputs = net.inputs(seed=step)
+    with torch.no_grad():
+        plain = net(*net.inputs(seed=step, requires_grad=False))
+
+    out = run(*inputs)
+    mask = dbp.last_mask
+    assert set(mask) == truth.gated_names
+    assert same(out, plain), f"forward differs from the original module (mask {mask})"
+    loss_of(out).backward()
+
+    ref_inputs = net.inputs(seed=step)
+    with oracle_context(ref, truth, mask):
+        ref_out = ref(*ref_inputs)
+    assert same(ref_out, plain)
+    loss_of(ref_out).backward()
+
+    actual = grads(sut)
+    assert_same_grads(actual, grads(ref), rtol=1e-9, atol=1e-12)
+    for a, e in zip(input_grads(inputs), input_grads(ref_inputs)):
+        assert (a is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+    # a dropped branch's own parameters get no gradient (unless another call of its module was open)
+    open_modules = {g.detach for g in truth.gates if not mask[g.name]}
+    for g in truth.gates:
+        if mask[g.name] and g.detach not in open_modules:
+            for name, p in ref.get_submodule(g.detach).named_parameters():
+                assert actual[f"{g.detach}.{name}"] is None, f"{g.detach}.{name} got a gradient, {g.name} dropped"
+    return mask
+
+
+masks = st.one_of(
+    st.tuples(st.just("drawn"), st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9]), st.sampled_from(["topup", "bernoulli"]),
+              st.integers(0, 1000)),
+    st.tuples(st.just("forced"), st.lists(st.booleans(), min_size=16, max_size=16)),
+)
+
+
+def make_dropbp(mask_spec, keep_one_open) -> dropbp_fx.DropBP:
+    if mask_spec[0] == "drawn":
+        _, rate, policy, seed = mask_spec
+        return dropbp_fx.DropBP(drop_rate=rate, policy=policy, seed=seed, keep_one_open=keep_one_open)
+    return dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", keep_one_open=keep_one_open)
+
+
+def force(dbp, mask_spec) -> None:
+    if mask_spec[0] == "forced":
+        bits = mask_spec[1]
+        dbp.controller.set_rates({n: ALWAYS if bits[i % len(bits)] else 0.0 for i, n in enumerate(dbp.gate_names)})
+
+
+def fx_transform(net: rn.Net, dbp) -> tuple[nn.Module, torch.fx.GraphModule]:
+    sut = copy.deepcopy(net)
+    gm = dbp.transform(torch.fx.symbolic_trace(sut))
+    gm.graph.lint()
+    return sut, gm
+
+
+def dynamo_capture(module: nn.Module, inputs, then=None):
+    """Compile ``module`` with a backend that records the analysis of the Dynamo graph (before ``then`` runs on it)."""
+    torch._dynamo.reset()
+    analyses = []
+
+    def backend(gm, example_inputs):
+        analyses.append(find_residual_branches(gm))
+        return then(gm, example_inputs) if then is not None else gm
+
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    out = compiled(*inputs)
+    assert len(analyses) == 1
+    return compiled, out, analyses[0]
+
+
+def check_everything(spec: rn.NetSpec, mask_spec=("drawn", 0.5, "topup", 0), keep_one_open="auto", steps=2,
+                     detection=True):
+    """Detection on symbolic_trace, the rewrite and the gradients, for one network."""
+    net, truth = rn.build(spec)
+    if detection:
+        analysis = find_residual_branches(torch.fx.symbolic_trace(net))
+        assert found(analysis) == expected(truth), explain(analysis)
+
+    dbp = make_dropbp(mask_spec, keep_one_open)
+    sut, gm = fx_transform(net, dbp)
+    assert set(dbp.gate_names) == truth.gated_names
+    gates = [m for m in gm.modules() if isinstance(m, dropbp_fx.DropGate)]
+    assert len(gates) == len(truth.gates)
+    ref = copy.deepcopy(net)
+    force(dbp, mask_spec)
+    return [check_step(gm, sut, ref, net, truth, dbp, step) for step in range(steps)]
+
+
+# ---------------------------------------------------------------------------
+# properties
+# ---------------------------------------------------------------------------
+@settings(max_examples=budget(200), **SETTINGS)
+@given(rn.net_specs())
+def test_detection_symbolic_trace(spec):
+    net, truth = rn.build(spec)
+    analysis = find_residual_branches(torch.fx.symbolic_trace(net))
+    assert found(analysis) == expected(truth), explain(analysis)
+
+
+@settings(max_examples=budget(150), **SETTINGS)
+@given(rn.net_specs(), masks, st.sampled_from(["auto", True, False]))
+def test_transform_forward_and_gradients(spec, mask_spec, keep_one_open):
+    check_everything(spec, mask_spec, keep_one_open)
+
+
+@settings(max_examples=budget(20, 0.05), **SETTINGS)
+@given(rn.net_specs(max_blocks=3), masks)
+def test_dynamo_detection_and_gradients(spec, mask_spec):
+    net, truth = rn.build(spec)
+    dbp = make_dropbp(mask_spec, "auto")
+    sut, ref = copy.deepcopy(net), copy.deepcopy(net)
+    inputs = net.inputs(seed=0)
+    # the first call compiles; its analysis is of the Dynamo graph, before the gates go in
+    compiled, _, analysis = dynamo_capture(sut, inputs, then=dbp)
+    assert found(analysis) == expected(truth), explain(analysis)
+    assert set(dbp.gate_names) == truth.gated_names
+    force(dbp, mask_spec)
+    for step in (1, 2):
+        check_step(compiled, sut, ref, net, truth, dbp, step)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------
+# examples, one per shape, readable when they fail
+# ---------------------------------------------------------------------------
+B = rn.BranchSpec
+ALL_DROPPED, NONE_DROPPED, ALTERNATE = ("forced", [True] * 16), ("forced", [False] * 16), ("forced", [True, False] * 8)
+
+
+def seq(*branches, **kw):
+    return rn.BlockSpec("seq", tuple(branches), **kw)
+
+
+EXAMPLES = {
+    "pre_norm": rn.NetSpec((seq(B("mlp")), seq(B("mlp", norm_in_block=True, norm="rms")))),
+    "post_norm": rn.NetSpec((seq(B("mlp", style="post"), B("single", style="post")),)),
+    "sandwich": rn.NetSpec((seq(B("attn", style="sandwich"), B("mlp", style="sandwich", layer_scale=True)),)),
+    "single_linear_named_after_it": rn.NetSpec((seq(B("single"), B("single", layer_scale=True)),)),
+    "flat_bert_style": rn.NetSpec((seq(B("mlp", flat=True), B("single", flat=True, style="sandwich")),
+                                   seq(B("mlp", flat=True, style="post")))),
+    "parallel_left": rn.NetSpec((rn.BlockSpec("parallel", (B("attn"), B("mlp")), assoc="left"),)),
+    "parallel_right": rn.NetSpec((rn.BlockSpec("parallel", (B("attn"), B("mlp")), assoc="right"),)),
+    "parallel_sum_first": rn.NetSpec((rn.BlockSpec("parallel", (B("func"), B("mlp")), assoc="sum_first",
+                                                   shared_ln=False, sum_add="iadd_out"),)),
+    "projection": rn.NetSpec((rn.BlockSpec("projection", (B("mlp", hidden=8, skip_first=False),), d_out=12),
+                              seq(B("mlp")))),
+    "projection_nested": rn.NetSpec((rn.BlockSpec("projection", (B("nested", inner=B("single")),), d_out=6,
+                                                  post_norm=True),)),
+    "nested": rn.NetSpec((seq(B("nested", inner=B("mlp"))), seq(B("nested", inner=B("attn"), inner_post=True)))),
+    "nested_twice": rn.NetSpec((seq(B("nested", inner=B("nested", inner=B("single")))),)),
+    "nested_in_parallel": rn.NetSpec((rn.BlockSpec("parallel", (B("nested", inner=B("mlp")), B("attn")),
+                                                   assoc="right"),)),
+    "repeated_block": rn.NetSpec((seq(B("mlp")), seq(B("nested", inner=B("single")), B("mlp", flat=True))),
+                                 repeat_last=True),
+    "decoys": rn.NetSpec((seq(B("attn", rope=True, mask="input", norm="rms"), after="relu_half"),
+                          seq(B("func", relu_half=True), B("attn", mask="bias", sdpa=True, rope=True)),
+                          seq(B("mlp", relu_half=True), B("attn", mask="buffer"))), stem="tied", head=True),
+    "kv_cache": rn.NetSpec((seq(B("attn", cache=True, rope=True), B("mlp")),
+                            rn.BlockSpec("parallel", (B("attn", cache=True, sdpa=True), B("mlp")), assoc="right")),
+                           repeat_last=True),
+    "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
+    "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
+}
+for spelling in rn.ADDS:
+    EXAMPLES[f"add_{spelling}"] = rn.NetSpec((seq(B("mlp", add=spelling), B("attn", add=spelling, skip_first=False)),
+                                              seq(B("nested", add=spelling, inner=B("single", add=spelling)))))
+
+
+@pytest.mark.parametrize("mask_spec", [ALL_DROPPED, NONE_DROPPED, ALTERNATE], ids=["all", "none", "alternate"])
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example(name, mask_spec):
+    masks_seen = check_everything(EXAMPLES[name], mask_spec, keep_one_open=False, steps=1)
+    if mask_spec is ALL_DROPPED:
+        assert all(masks_seen[0].values())
+    if mask_spec is NONE_DROPPED:
+        assert not any(masks_seen[0].values())
+
+
+def test_example_names():
+    """The ground truth of a few examples, spelled out (the naming rule, checked by hand)."""
+    truths = {k: rn.build(EXAMPLES[k])[1] for k in ("flat_bert_style", "single_linear_named_after_it", "nested_twice",
+                                                    "repeated_block", "projection")}
+    assert expected(truths["flat_bert_style"]) == ({"blocks.0.{b0_fc1,b0_fc2}": "identity",
+                                                    "blocks.0.b1_fc": "identity",
+                                                    "blocks.1.{b0_fc1,b0_fc2}": "identity"}, {})
+    assert truths["single_linear_named_after_it"].gated_names == {"blocks.0.b0.fc", "blocks.0.b1.fc"}
+    assert expected(truths["nested_twice"]) == ({"blocks.0.b0.inner.inner.fc": "identity"},
+                                                {"blocks.0.b0.inner": "identity", "blocks.0.b0": "identity"})
+    assert truths["repeated_block"].gated_names == {"blocks.0.b0", "blocks.1.b0.inner.fc", "blocks.1.{b1_fc1,b1_fc2}",
+                                                    "blocks.1.b0.inner.fc#1", "blocks.1.{b1_fc1,b1_fc2}#1"}
+    assert truths["repeated_block"].outer_names == {"blocks.1.b0", "blocks.1.b0#1"}
+    assert expected(truths["projection"])[0] == {"blocks.0.f": "projection", "blocks.1.b0": "identity"}
+
+
+class Decoys(nn.Module):
+    """Every add here is a decoy: tied weights, position embedding, ``arange + offset``, ``var + eps``,
+    bias add, RoPE, an input mask, a buffer mask and ``x + relu(x) * 0.5``; nothing is a residual."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(rn.T + 2, d))
+        self.norm = rn.RMSNorm(d)
+        self.w = nn.Parameter(torch.randn(d, d))
+        self.b = nn.Parameter(torch.randn(d))
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        pos = torch.arange(rn.T, dtype=torch.float32)[:, None] * torch.arange(d)[None, :] / d
+        self.register_buffer("cos", torch.cos(pos))
+        self.register_buffer("sin", torch.sin(pos))
+        self.register_buffer("causal", torch.triu(torch.full((rn.T, rn.T), -5.0), 1))
+
+    def forward(self, x, ctx, mask):
+        h = self.inp(x) + self.inp(ctx)                                   # tied weights
+        h = h + self.pos[torch.arange(h.shape[1], device=h.device) + 1]   # arange + offset, position embedding
+        h = self.norm(h)                                                  # var + eps
+        h = h @ self.w.T + self.b                                         # bias add
+        q, k = self.q(h), self.k(h)
+        q = q * self.cos + rn.rotate_half(q) * self.sin                   # RoPE
+        scores = q @ k.transpose(-2, -1) + mask                           # input mask
+        scores = scores + self.causal                                     # buffer mask
+        h = torch.softmax(scores, -1) @ h
+        return h + torch.relu(h) * 0.5                                    # no parametric compute
+
+
+def test_example_decoys_only():
+    net = Decoys().double()
+    inputs = rn.Net(rn.NetSpec(stem="tied")).double().inputs()
+    gm = torch.fx.symbolic_trace(copy.deepcopy(net))
+    analysis = find_residual_branches(gm)
+    assert not analysis.branches and not analysis.outer, [b.name for b in analysis.branches + analysis.outer]
+    assert len(analysis.skipped) == 9 and all(s.reason for s in analysis.skipped), explain(analysis)
+    dbp = dropbp_fx.DropBP()
+    out = dbp.transform(gm)(*inputs)
+    assert not dbp.gate_names and same(out, net(*inputs))
+
+
+@pytest.mark.parametrize("name", ["decoys", "nested_in_parallel", "repeated_block", "projection_nested",
+                                  "flat_bert_style"])
+def test_example_dynamo(name):
+    net, truth = rn.build(EXAMPLES[name])
+    sut, ref = copy.deepcopy(net), copy.deepcopy(net)
+    dbp = make_dropbp(ALTERNATE, False)
+    compiled, _, analysis = dynamo_capture(sut, net.inputs(seed=0), then=dbp)
+    assert found(analysis) == expected(truth), explain(analysis)
+    force(dbp, ALTERNATE)
+    mask = check_step(compiled, sut, ref, net, truth, dbp, 1)
+    assert list(mask.values())[:2] == [True, False][:len(mask)]
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------
+# known bugs: left out of the random networks (``net_specs(known_bugs=False)``). When one is
+# fixed its test XPASSes (strict): drop the xfail, and the exclusion in random_nets.py.
+# ---------------------------------------------------------------------------
+MASK_TWICE = rn.NetSpec((seq(B("attn", mask="input")), seq(B("attn", mask="input"))))
+PARALLEL_SINGLE = {assoc: rn.NetSpec((rn.BlockSpec("parallel", (B("mlp"), B("single")), assoc=assoc),))
+                   for assoc in ("right", "sum_first")}
+PROJECTION_FUNC = rn.NetSpec((rn.BlockSpec("projection", (B("func", hidden=8),), d_out=8),))
+CAST_TO_OUT = rn.NetSpec((seq(B("mlp", add="cast_to_out")),))
+
+
+def test_known_bug_shapes_are_fine_elsewhere():
+    """The neighbours of the known bugs that do work: one mask-input layer, ``(x + f) + g`` with a
+    single-Linear g, a projection branch of Linear modules."""
+    check_everything(rn.NetSpec((seq(B("attn", mask="input")), seq(B("attn", mask="buffer")))), ALTERNATE)
+    check_everything(rn.NetSpec((rn.BlockSpec("parallel", (B("mlp"), B("single")), assoc="left"),)), ALTERNATE)
+    check_everything(rn.NetSpec((rn.BlockSpec("projection", (B("mlp", hidden=8),), d_out=8),)), ALL_DROPPED)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known bug: an additive mask input used by two attention layers is taken for a residual "
+                          "stream in the second layer (bogus q/k gate, the real attention branch demoted to .outer)")
+def test_known_bug_mask_input_in_two_layers():
+    net, truth = rn.build(MASK_TWICE)
+    analysis = find_residual_branches(torch.fx.symbolic_trace(net))
+    assert found(analysis) == expected(truth), explain(analysis)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known bug: the second attention layer's gate covers only q/k, so its norm/v/o still "
+                          "get gradients when it is dropped")
+def test_known_bug_mask_input_in_two_layers_gradients():
+    # the gate names happen to match (the bogus q/k gate takes the name of the real branch): compare gradients
+    check_everything(MASK_TWICE, ALL_DROPPED, keep_one_open=False, steps=1, detection=False)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known bug: in x + (f + g) with g a single Linear, f + g is first taken for a projection "
+                          "shortcut, so f is found twice (f, f#1) and the transform crashes in fuse_as_graphmodule")
+@pytest.mark.parametrize("assoc", sorted(PARALLEL_SINGLE))
+def test_known_bug_parallel_single_linear_term(assoc):
+    # the transform (which crashes) first; once it works, the gate names check the detection
+    check_everything(PARALLEL_SINGLE[assoc], ALTERNATE, detection=False)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known bug: compute nodes reading a parameter through W.T weigh 0, so a functional "
+                          "f(x) + proj(x) is skipped")
+def test_known_bug_projection_transposed_weights():
+    net, truth = rn.build(PROJECTION_FUNC)
+    analysis = find_residual_branches(torch.fx.symbolic_trace(net))
+    assert found(analysis) == expected(truth), explain(analysis)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known bug: in a symbolic_trace graph, x.to(y.dtype) + y (a dtype or shape query of the "
+                          "branch output y) counts as a use of y outside the residual add, so the branch is skipped")
+def test_known_bug_shape_query_of_branch_output():
+    net, truth = rn.build(CAST_TO_OUT)
+    analysis = find_residual_branches(torch.fx.symbolic_trace(net))
+    assert found(analysis) == expected(truth), explain(analysis)
+
+
+def test_shape_query_of_branch_output_dynamo():
+    """The same network is fine in a Dynamo graph (static shapes: no query node)."""
+    net, truth = rn.build(CAST_TO_OUT)
+    _, _, analysis = dynamo_capture(net, net.inputs())
+    assert found(analysis) == expected(truth), explain(analysis)
+    torch._dynamo.reset()
