@@ -194,28 +194,59 @@ def _get_submodule(root: nn.Module, target: str) -> nn.Module | None:
         return None
 
 
-def node_weight(node: fx.Node, root: nn.Module | None) -> int:
-    """Parameter elements a compute node uses: a proxy for its cost that needs no shapes."""
+def constant_leaves(node: fx.Node) -> list[fx.Node]:
+    """The parameters/buffers a constant-derived value (``W``, ``W.T``, ``W.view(...)``) is made of."""
+    if is_constant(node):
+        return [node]
+    return [leaf for arg in node.all_input_nodes for leaf in constant_leaves(arg)]
+
+
+def node_weight(node: fx.Node, root: nn.Module | None, constants: set[fx.Node]) -> int:
+    """Parameter elements a compute node uses (also through ``W.T``): a proxy for its cost that needs no shapes."""
     if node.op == "call_module" and root is not None:
         mod = _get_submodule(root, node.target)
         return sum(p.numel() for p in mod.parameters()) if mod is not None else 0
-    return sum(constant_numel(arg, root) for arg in node.all_input_nodes if is_constant(arg))
+    leaves = {leaf for arg in node.all_input_nodes if arg in constants for leaf in constant_leaves(arg)}
+    return sum(constant_numel(leaf, root) for leaf in leaves)
 
 
 # ---------------------------------------------------------------------------
 # the data-flow graph
 # ---------------------------------------------------------------------------
+def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Parameters, buffers, and values computed from them alone (``W.T``, ``bias.view(1, -1)``)."""
+    constants: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if is_constant(node) or (node.op.startswith("call") and inputs and all(a in constants for a in inputs)):
+            constants.add(node)
+    return constants
+
+
+def metadata_nodes(graph: fx.Graph, constants: set[fx.Node]) -> set[fx.Node]:
+    """Shape queries, and values computed from them alone (``math.sqrt(q.size(-1))``): metadata, not data."""
+    meta: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if is_shape_query(node) or (node.op.startswith("call") and any(a in meta for a in inputs)
+                                    and all(a in meta or a in constants for a in inputs)):
+            meta.add(node)
+    return meta
+
+
 def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
     """Nodes of ``graph`` with an edge ``u -> v`` when ``v`` consumes the *data* of ``u``.
 
-    Edges out of constants (parameters, buffers) and out of shape queries are left out:
-    two values that share a weight, or whose only link is ``x.size(1)``, are not on one stream.
+    Edges out of constants (parameters, buffers, ``W.T``) and out of metadata (``x.size(1)``,
+    ``x.dtype``) are left out: two values that share a weight, or whose only link is a shape, are not
+    on one stream. The sets are kept as ``g.graph["constants"]`` and ``g.graph["metadata"]``.
     """
-    g = nx.DiGraph()
+    constants = constant_nodes(graph)
+    g = nx.DiGraph(constants=constants, metadata=metadata_nodes(graph, constants))
     for index, node in enumerate(graph.nodes):
         g.add_node(node, index=index)
     for node in graph.nodes:
-        if is_constant(node) or is_shape_query(node):
+        if node in constants or node in g.graph["metadata"]:
             continue
         for user in node.users:
             g.add_edge(node, user)

@@ -57,6 +57,7 @@ class ResidualBranch:
     side_outputs: list[fx.Node]
     kind: str  # "identity", "parallel" or "projection"
     weight: int  # parameter elements used by the branch's compute nodes
+    partial_sum: fx.Node | None = None  # parallel terms: the add that sums this term with the others
 
     def __repr__(self) -> str:
         return (f"ResidualBranch({self.name!r}, kind={self.kind}, add={self.add.name}, skip={self.skip.name}, "
@@ -89,7 +90,7 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None)
     graph = gm.graph
     dfg = gv.data_flow_graph(graph)
     stream_parent: dict[fx.Node, fx.Node] = {}  # skip chain: alias -> its input, residual add -> its skip
-    found: list[ResidualBranch] = []
+    by_add: dict[fx.Node, list[ResidualBranch]] = {}
     analysis = ResidualAnalysis()
 
     for node in graph.nodes:
@@ -102,9 +103,14 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None)
         except _Reject as why:
             analysis.skipped.append(SkippedAdd(node, gv.module_path(node), str(why)))
             continue
+        for branch in branches:  # ``f + g`` first read as a projection is a partial sum of parallel terms
+            if branch.partial_sum is not None and branch.partial_sum in by_add:
+                del by_add[branch.partial_sum]
+                del stream_parent[branch.partial_sum]
         stream_parent[node] = branches[0].skip
-        found.extend(branches)
+        by_add[node] = branches
 
+    found = [b for branches in by_add.values() for b in branches]
     _name_branches(found)
     adds = {b.add for b in found}
     for branch in found:
@@ -118,13 +124,13 @@ def _classify_add(add: fx.Node, dfg: nx.DiGraph, stream_parent, root) -> list[Re
     a, b = gv.add_operands(add)
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         raise _Reject("adds a Python constant (eps, offset), not two tensors")
-    if gv.is_constant(a) or gv.is_constant(b):
+    if a in dfg.graph["constants"] or b in dfg.graph["constants"]:
         raise _Reject("adds a parameter or buffer (bias)")
     for skip, out in ((a, b), (b, a)):
         stream = _stream_root(dfg, stream_parent, skip, out)
         if stream is not None:
-            return _identity_branches(add, skip, out, stream, dfg, root)
-    return [_projection_branch(add, a, b, dfg, root)]
+            return _identity_branches(add, skip, out, stream, dfg, stream_parent, root)
+    return [_projection_branch(add, a, b, dfg, stream_parent, root)]
 
 
 def _stream_root(dfg, stream_parent, skip: fx.Node, out: fx.Node) -> fx.Node | None:
@@ -137,11 +143,15 @@ def _stream_root(dfg, stream_parent, skip: fx.Node, out: fx.Node) -> fx.Node | N
     return None
 
 
-def _identity_branches(add, skip, out, stream, dfg, root) -> list[ResidualBranch]:
+def _identity_branches(add, skip, out, stream, dfg, stream_parent, root) -> list[ResidualBranch]:
     terms = _split_parallel(out, add, stream, dfg, root)
     kind = "parallel" if len(terms) > 1 else "identity"
-    return [_make_branch(consumer, skip, term, stream, kind, dfg, root, residual_add=add)
-            for term, consumer in terms]
+    branches = [_make_branch(consumer, skip, term, stream, kind, dfg, stream_parent, root, residual_add=add)
+                for term, consumer in terms]
+    if kind == "parallel":
+        for branch, (_, consumer) in zip(branches, terms):
+            branch.partial_sum = consumer
+    return branches
 
 
 def _split_parallel(out: fx.Node, consumer: fx.Node, stream: fx.Node, dfg, root) -> list[tuple[fx.Node, fx.Node]]:
@@ -152,7 +162,8 @@ def _split_parallel(out: fx.Node, consumer: fx.Node, stream: fx.Node, dfg, root)
     if not gv.is_add(out):
         return [(out, consumer)]
     a, b = gv.add_operands(out)
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or len(out.users) != 1:
+    data_users = [u for u in out.users if u not in dfg.graph["metadata"]]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or len(data_users) != 1:
         return [(out, consumer)]
     for term in (a, b):
         nodes = gv.between(dfg, stream, term)
@@ -163,7 +174,7 @@ def _split_parallel(out: fx.Node, consumer: fx.Node, stream: fx.Node, dfg, root)
     return _split_parallel(a, out, stream, dfg, root) + _split_parallel(b, out, stream, dfg, root)
 
 
-def _projection_branch(add, a, b, dfg, root) -> ResidualBranch:
+def _projection_branch(add, a, b, dfg, stream_parent, root) -> ResidualBranch:
     """``f(x) + proj(x)``: gate ``f`` when it is deeper and heavier than a single projection."""
     common = (nx.ancestors(dfg, a) | {a}) & (nx.ancestors(dfg, b) | {b})
     if not common:
@@ -173,21 +184,28 @@ def _projection_branch(add, a, b, dfg, root) -> ResidualBranch:
     for term in (a, b):
         nodes = _topo(gv.between(dfg, stream, term), dfg)
         compute = [n for n in nodes if gv.is_compute(n, root)]
-        paths[term] = (sum(gv.node_weight(n, root) for n in compute), gv.compute_depth(nodes, root), compute)
+        weight = sum(gv.node_weight(n, root, dfg.graph["constants"]) for n in compute)
+        paths[term] = (weight, gv.compute_depth(nodes, root), compute)
     heavy, light = sorted((a, b), key=lambda t: paths[t][0], reverse=True)
     if not paths[heavy][2]:
         raise _Reject("no matmul, linear, conv or attention between the stream and either operand")
     if paths[heavy][1] < 2 or paths[light][1] > 1 or paths[heavy][0] == paths[light][0]:
         raise _Reject("two computed operands of one stream, but not a deep branch beside a single projection "
                       "(a LoRA or split projection, not a residual)")
-    return _make_branch(add, light, heavy, stream, "projection", dfg, root)
+    return _make_branch(add, light, heavy, stream, "projection", dfg, stream_parent, root)
 
 
-def _make_branch(add, skip, out, stream, kind, dfg, root, residual_add=None) -> ResidualBranch:
+def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residual_add=None) -> ResidualBranch:
     """The branch computing ``out`` from ``stream``; ``add`` consumes ``out`` (for a parallel term, the
     partial sum; ``residual_add`` is then the add with the skip)."""
     nodes = gv.between(dfg, stream, out)
-    nodes = _own_nodes(nodes, out, add)
+    for node in nodes:  # the stream must not reach ``out`` only by way of another residual stream
+        inner_skip = stream_parent.get(node) if gv.is_add(node) else None
+        if inner_skip is not None and inner_skip is not stream and inner_skip not in nodes:
+            raise _Reject(f"{stream.name} reaches {out.name} only through the residual stream at {node.name} "
+                          "(an additive mask or bias shared by several layers), not as its own residual stream")
+    nodes |= _metadata_used_inside(nodes, dfg)
+    nodes = _own_nodes(nodes, out, add, dfg.graph["metadata"])
     if out not in nodes:
         raise _Reject("the branch output is used outside the residual add")
     ordered = _topo(nodes, dfg)
@@ -203,7 +221,7 @@ def _make_branch(add, skip, out, stream, kind, dfg, root, residual_add=None) -> 
             if arg not in nodes:
                 inputs[arg] = None
     side = [n for n in ordered if n is not out and any(u not in nodes for u in n.users)]
-    weight = sum(gv.node_weight(n, root) for n in compute)
+    weight = sum(gv.node_weight(n, root, dfg.graph["constants"]) for n in compute)
     return ResidualBranch(_branch_name(compute, add), residual_add or add, skip, out, ordered, list(inputs), side,
                           kind, weight)
 
@@ -225,7 +243,27 @@ def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:
     return name
 
 
-def _own_nodes(nodes: set[fx.Node], out: fx.Node, add: fx.Node) -> set[fx.Node]:
+def _metadata_used_inside(nodes: set[fx.Node], dfg) -> set[fx.Node]:
+    """Metadata computed from branch values and used by branch nodes (``scores / sqrt(q.size(-1))``):
+    it belongs to the branch, or the branch would both feed it and read it."""
+    metadata = dfg.graph["metadata"]
+    derived = [m for m in _topo(metadata, dfg) if any(a in nodes for a in m.all_input_nodes)]
+    derived_set = set(derived)
+    changed = True
+    while changed:  # metadata of metadata (``sqrt(size)``)
+        changed = False
+        for m in metadata - derived_set:
+            if any(a in derived_set for a in m.all_input_nodes):
+                derived_set.add(m)
+                changed = True
+    needed: set[fx.Node] = set()
+    for m in reversed(_topo(derived_set, dfg)):
+        if any(u in nodes or u in needed for u in m.users):
+            needed.add(m)
+    return needed
+
+
+def _own_nodes(nodes: set[fx.Node], out: fx.Node, add: fx.Node, metadata: set[fx.Node]) -> set[fx.Node]:
     """Keep the nodes whose every user is in the branch (or the graph output); shared ones become inputs."""
     nodes = set(nodes)
     changed = True
@@ -233,7 +271,8 @@ def _own_nodes(nodes: set[fx.Node], out: fx.Node, add: fx.Node) -> set[fx.Node]:
         changed = False
         for n in list(nodes):
             allowed = (add,) if n is out else ()
-            if any(u not in nodes and u.op != "output" and u not in allowed for u in n.users):
+            outside = (u for u in n.users if u not in nodes and u.op != "output" and u not in allowed)
+            if any(u not in metadata for u in outside):  # ``y.dtype`` reads metadata, not the value
                 nodes.discard(n)
                 changed = True
     return nodes

@@ -42,12 +42,10 @@ BATCH = 2
 # Add spellings. ``iadd_out``: ``y = f(x); y += x`` (the fresh tensor is the branch output);
 # ``iadd_clone``: ``y = x.clone(); y += f(x)``; ``alpha``: ``torch.add(a, b, alpha=0.5)``;
 # ``alias_*``: the skip goes through a view / copy / cast of itself first (``x.view(x.shape) + f(x)``).
+# ``cast_to_out``: ``x.to(f(x).dtype) + f(x)`` (a dtype query of the branch output).
 ADDS = ("plus", "torch_add", "alpha", "method", "iadd_out", "iadd_clone", "alias_view", "alias_contiguous",
-        "alias_to")
+        "alias_to", "cast_to_out")
 SUM_ADDS = ("plus", "torch_add", "alpha", "method", "iadd_out")  # for ``f + g`` (no skip operand)
-# ``x.to(f(x).dtype) + f(x)``: a dtype query of the branch output, the known bug of
-# test_known_bug_shape_query_of_branch_output (symbolic_trace graphs only); drawn with known_bugs=True
-KNOWN_BUG_ADDS = ("cast_to_out",)
 
 
 def residual_add(spelling: str, skip: torch.Tensor, out: torch.Tensor, skip_first: bool) -> torch.Tensor:
@@ -498,7 +496,7 @@ norms = st.sampled_from(["ln", "rms"])
 
 @st.composite
 def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested"), nest_depth=0, styles=("pre", "post",
-                 "sandwich"), flat_ok=True, known_bugs=False) -> BranchSpec:
+                 "sandwich"), flat_ok=True) -> BranchSpec:
     allowed = [b for b in bodies if b != "nested" or nest_depth < 2]
     body = draw(st.sampled_from(allowed))
     spec = BranchSpec(
@@ -508,7 +506,7 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested"), ne
         style=draw(st.sampled_from(styles)),
         norm_in_block=draw(st.booleans()),
         flat=flat_ok and body in ("single", "mlp") and draw(st.booleans()),
-        add=draw(st.sampled_from(ADDS + (KNOWN_BUG_ADDS if known_bugs else ()))),
+        add=draw(st.sampled_from(ADDS)),
         skip_first=draw(st.booleans()),
         relu_half=body == "mlp" and draw(st.booleans()),
     )
@@ -519,86 +517,42 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested"), ne
                        sdpa=draw(st.booleans()), cache=nest_depth == 0 and draw(st.booleans()))
     if body == "nested":
         # the inner residual runs inside the branch module: pre-norm (norm inside the inner module) or post-norm
-        inner = draw(branch_specs(nest_depth=nest_depth + 1, styles=("pre",), flat_ok=False, known_bugs=known_bugs))
+        inner = draw(branch_specs(nest_depth=nest_depth + 1, styles=("pre",), flat_ok=False))
         spec = replace(spec, inner=replace(inner, norm_in_block=False), inner_post=draw(st.booleans()))
     return spec
 
 
 @st.composite
-def block_specs(draw, known_bugs: bool = False) -> BlockSpec:
+def block_specs(draw) -> BlockSpec:
     kind = draw(st.sampled_from(["seq", "seq", "parallel", "projection"]))
     after = draw(st.sampled_from(["none", "none", "relu_half"]))
     if kind == "seq":
-        branches = tuple(draw(st.lists(branch_specs(known_bugs=known_bugs), min_size=1, max_size=2)))
+        branches = tuple(draw(st.lists(branch_specs(), min_size=1, max_size=2)))
         return BlockSpec("seq", branches, after=after)
     if kind == "parallel":
         # both terms at least two compute layers deep: a single-Linear term next to a deeper one
-        # is the known bug of test_known_bug_parallel_single_linear_term
-        bodies = ("mlp", "func", "attn", "nested") + (("single",) if known_bugs else ())
+        bodies = ("mlp", "func", "attn", "nested", "single")
         terms = st.builds(lambda s: replace(s, style="pre", norm_in_block=False),
-                          branch_specs(bodies=bodies, flat_ok=False, known_bugs=known_bugs))
+                          branch_specs(bodies=bodies, flat_ok=False))
         f, g = draw(terms), draw(terms)
         return BlockSpec("parallel", (f, g), assoc=draw(st.sampled_from(["left", "right", "sum_first"])),
                          shared_ln=draw(st.booleans()), sum_add=draw(st.sampled_from(SUM_ADDS)), after=after)
     # projection: f = mlp or nested (>= 2 Linear layers, heavier than proj), proj = one Linear.
     # style "pre": f starts with its own norm; "post": it does not (the block may end in a norm: post_norm).
-    # A functional f (``h @ W.T + b``) is the known bug of test_known_bug_projection_transposed_weights.
-    bodies = ("mlp", "nested") + (("func",) if known_bugs else ())
-    f = draw(branch_specs(bodies=bodies, styles=("pre", "post"), flat_ok=False, known_bugs=known_bugs))
+    bodies = ("mlp", "nested", "func")
+    f = draw(branch_specs(bodies=bodies, styles=("pre", "post"), flat_ok=False))
     f = replace(f, hidden=max(f.hidden, 8))
     return BlockSpec("projection", (f,), d_out=draw(widths), post_norm=draw(st.booleans()), after=after)
 
 
 @st.composite
-def net_specs(draw, max_blocks: int = 4, known_bugs: bool = False) -> NetSpec:
-    """A random network of 1..``max_blocks`` blocks.
-
-    ``known_bugs=False`` leaves out the shapes of the known bugs (the ``test_known_bug_*`` tests of
-    ``test_properties.py``): an input mask added in two layers (:func:`one_input_mask`), a parallel
-    term that is a single Linear, a projection branch written as ``h @ W.T + b``, a skip cast to the
-    branch output's dtype (``x.to(f(x).dtype) + f(x)``).
-    """
+def net_specs(draw, max_blocks: int = 4) -> NetSpec:
+    """A random network of 1..``max_blocks`` blocks."""
     width = draw(widths)
     n = draw(st.integers(1, max_blocks))
-    blocks = [draw(block_specs(known_bugs)) for _ in range(n)]
+    blocks = [draw(block_specs()) for _ in range(n)]
     spec = NetSpec(blocks=tuple(blocks), d_in=draw(widths), width=width,
                    stem=draw(st.sampled_from(["none", "linear", "pos", "arange_pos", "tied"])),
                    repeat_last=blocks[-1].kind != "projection" and draw(st.booleans()),
                    head=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
-    return spec if known_bugs else one_input_mask(spec)
-
-
-def _map_branches(spec: BranchSpec, fn) -> BranchSpec:
-    """``fn`` applied to ``spec`` and its nested inner branches, innermost first (forward order)."""
-    if spec.inner is not None:
-        spec = replace(spec, inner=_map_branches(spec.inner, fn))
-    return fn(spec)
-
-
-def one_input_mask(spec: NetSpec) -> NetSpec:
-    """Turn every ``scores + mask`` add of the model's ``mask`` input that comes after another use of
-    that input (or sits in a block that runs twice) into ``scores + mask_buffer``.
-
-    That is the known detection bug of ``test_properties.py::test_known_bug_mask_input_in_two_layers``:
-    once the mask has fed the residual stream (through an earlier attention, explicit add or SDPA),
-    it reaches the next layer's scores and is taken for a stream itself. SDPA uses have no add node
-    and are kept.
-    """
-    seen = False
-    last = len(spec.blocks) - 1
-
-    def demote(repeated):
-        def fn(b: BranchSpec) -> BranchSpec:
-            nonlocal seen
-            if b.body == "attn" and b.mask == "input":
-                if not b.sdpa and (seen or repeated):
-                    return replace(b, mask="buffer")
-                seen = True
-            return b
-        return fn
-
-    blocks = []
-    for i, block in enumerate(spec.blocks):
-        fn = demote(spec.repeat_last and i == last)
-        blocks.append(replace(block, branches=tuple(_map_branches(b, fn) for b in block.branches)))
-    return replace(spec, blocks=tuple(blocks))
+    return spec

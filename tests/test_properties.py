@@ -377,8 +377,7 @@ def test_example_dynamo(name):
 
 
 # ---------------------------------------------------------------------------
-# known bugs: left out of the random networks (``net_specs(known_bugs=False)``). When one is
-# fixed its test XPASSes (strict): drop the xfail, and the exclusion in random_nets.py.
+# regressions: four bugs these property tests found, kept as named examples
 # ---------------------------------------------------------------------------
 MASK_TWICE = rn.NetSpec((seq(B("attn", mask="input")), seq(B("attn", mask="input"))))
 PARALLEL_SINGLE = {assoc: rn.NetSpec((rn.BlockSpec("parallel", (B("mlp"), B("single")), assoc=assoc),))
@@ -387,53 +386,40 @@ PROJECTION_FUNC = rn.NetSpec((rn.BlockSpec("projection", (B("func", hidden=8),),
 CAST_TO_OUT = rn.NetSpec((seq(B("mlp", add="cast_to_out")),))
 
 
-def test_known_bug_shapes_are_fine_elsewhere():
-    """The neighbours of the known bugs that do work: one mask-input layer, ``(x + f) + g`` with a
+def test_neighbours_of_the_regressions():
+    """The shapes next to the regressions below: one mask-input layer, ``(x + f) + g`` with a
     single-Linear g, a projection branch of Linear modules."""
     check_everything(rn.NetSpec((seq(B("attn", mask="input")), seq(B("attn", mask="buffer")))), ALTERNATE)
     check_everything(rn.NetSpec((rn.BlockSpec("parallel", (B("mlp"), B("single")), assoc="left"),)), ALTERNATE)
     check_everything(rn.NetSpec((rn.BlockSpec("projection", (B("mlp", hidden=8),), d_out=8),)), ALL_DROPPED)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: an additive mask input used by two attention layers is taken for a residual "
-                          "stream in the second layer (bogus q/k gate, the real attention branch demoted to .outer)")
-def test_known_bug_mask_input_in_two_layers():
+def test_regression_mask_input_in_two_layers():
+    """An additive mask used by two attention layers reaches the second through the stream: not a stream."""
     net, truth = rn.build(MASK_TWICE)
     analysis = find_residual_branches(torch.fx.symbolic_trace(net))
     assert found(analysis) == expected(truth), explain(analysis)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: the second attention layer's gate covers only q/k, so its norm/v/o still "
-                          "get gradients when it is dropped")
-def test_known_bug_mask_input_in_two_layers_gradients():
-    # the gate names happen to match (the bogus q/k gate takes the name of the real branch): compare gradients
+def test_regression_mask_input_in_two_layers_gradients():
     check_everything(MASK_TWICE, ALL_DROPPED, keep_one_open=False, steps=1, detection=False)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: in x + (f + g) with g a single Linear, f + g is first taken for a projection "
-                          "shortcut, so f is found twice (f, f#1) and the transform crashes in fuse_as_graphmodule")
 @pytest.mark.parametrize("assoc", sorted(PARALLEL_SINGLE))
-def test_known_bug_parallel_single_linear_term(assoc):
-    # the transform (which crashes) first; once it works, the gate names check the detection
+def test_regression_parallel_single_linear_term(assoc):
+    """``x + (f + g)`` with g a single Linear: two parallel gates, not a projection inside a parallel sum."""
     check_everything(PARALLEL_SINGLE[assoc], ALTERNATE, detection=False)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: compute nodes reading a parameter through W.T weigh 0, so a functional "
-                          "f(x) + proj(x) is skipped")
-def test_known_bug_projection_transposed_weights():
+def test_regression_projection_transposed_weights():
+    """A functional ``f(x) + proj(x)`` (``h @ W.T + b``): weights read through ``W.T`` still count."""
     net, truth = rn.build(PROJECTION_FUNC)
     analysis = find_residual_branches(torch.fx.symbolic_trace(net))
     assert found(analysis) == expected(truth), explain(analysis)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: in a symbolic_trace graph, x.to(y.dtype) + y (a dtype or shape query of the "
-                          "branch output y) counts as a use of y outside the residual add, so the branch is skipped")
-def test_known_bug_shape_query_of_branch_output():
+def test_regression_shape_query_of_branch_output():
+    """``x.to(y.dtype) + y``: a dtype query of the branch output is not a use of its value."""
     net, truth = rn.build(CAST_TO_OUT)
     analysis = find_residual_branches(torch.fx.symbolic_trace(net))
     assert found(analysis) == expected(truth), explain(analysis)
