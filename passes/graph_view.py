@@ -240,6 +240,9 @@ def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
     Edges out of constants (parameters, buffers, ``W.T``) and out of metadata (``x.size(1)``,
     ``x.dtype``) are left out: two values that share a weight, or whose only link is a shape, are not
     on one stream. The sets are kept as ``g.graph["constants"]`` and ``g.graph["metadata"]``.
+
+    An in-place op (``y.add_(z)``) takes over the edges to every later user of the tensor it writes:
+    they read the value it produced, though FX records them as users of ``y``.
     """
     constants = constant_nodes(graph)
     g = nx.DiGraph(constants=constants, metadata=metadata_nodes(graph, constants))
@@ -250,6 +253,14 @@ def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
             continue
         for user in node.users:
             g.add_edge(node, user)
+    for node in graph.nodes:
+        if mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node):
+            index = g.nodes[node]["index"]
+            for user in node.args[0].users:
+                if g.nodes[user]["index"] > index:
+                    g.add_edge(node, user)
+                    if g.has_edge(node.args[0], user):
+                        g.remove_edge(node.args[0], user)
     return g
 
 

@@ -93,15 +93,19 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None)
     by_add: dict[fx.Node, list[ResidualBranch]] = {}
     analysis = ResidualAnalysis()
 
+    writer: dict[fx.Node, fx.Node] = {}  # tensor -> the latest in-place op that wrote it
+
     for node in graph.nodes:
         if gv.is_alias(node) and node.args and isinstance(node.args[0], fx.Node):
-            stream_parent[node] = node.args[0]
-        if not gv.is_add(node):
-            continue
+            stream_parent[node] = writer.get(node.args[0], node.args[0])
         try:
-            branches = _classify_add(node, dfg, stream_parent, root)
+            branches = _classify_add(node, dfg, stream_parent, writer, root) if gv.is_add(node) else None
         except _Reject as why:
             analysis.skipped.append(SkippedAdd(node, gv.module_path(node), str(why)))
+            branches = None
+        if gv.mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node):
+            writer[node.args[0]] = node
+        if not branches:
             continue
         for branch in branches:  # ``f + g`` first read as a projection is a partial sum of parallel terms
             if branch.partial_sum is not None and branch.partial_sum in by_add:
@@ -120,10 +124,11 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None)
 
 
 # ---------------------------------------------------------------------------
-def _classify_add(add: fx.Node, dfg: nx.DiGraph, stream_parent, root) -> list[ResidualBranch]:
+def _classify_add(add: fx.Node, dfg: nx.DiGraph, stream_parent, writer, root) -> list[ResidualBranch]:
     a, b = gv.add_operands(add)
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         raise _Reject("adds a Python constant (eps, offset), not two tensors")
+    a, b = writer.get(a, a), writer.get(b, b)  # the value after an earlier in-place write (``y.add_(f)``)
     if a in dfg.graph["constants"] or b in dfg.graph["constants"]:
         raise _Reject("adds a parameter or buffer (bias)")
     for skip, out in ((a, b), (b, a)):

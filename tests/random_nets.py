@@ -42,9 +42,10 @@ BATCH = 2
 # Add spellings. ``iadd_out``: ``y = f(x); y += x`` (the fresh tensor is the branch output);
 # ``iadd_clone``: ``y = x.clone(); y += f(x)``; ``alpha``: ``torch.add(a, b, alpha=0.5)``;
 # ``alias_*``: the skip goes through a view / copy / cast of itself first (``x.view(x.shape) + f(x)``).
-# ``cast_to_out``: ``x.to(f(x).dtype) + f(x)`` (a dtype query of the branch output).
+# ``cast_to_out``: ``x.to(f(x).dtype) + f(x)`` (a dtype query of the branch output);
+# ``method_inplace``: ``y = x.clone(); y.add_(f(x))``.
 ADDS = ("plus", "torch_add", "alpha", "method", "iadd_out", "iadd_clone", "alias_view", "alias_contiguous",
-        "alias_to", "cast_to_out")
+        "alias_to", "cast_to_out", "method_inplace")
 SUM_ADDS = ("plus", "torch_add", "alpha", "method", "iadd_out")  # for ``f + g`` (no skip operand)
 
 
@@ -57,6 +58,10 @@ def residual_add(spelling: str, skip: torch.Tensor, out: torch.Tensor, skip_firs
     if spelling == "iadd_clone":
         y = skip.clone()
         y += out
+        return y
+    if spelling == "method_inplace":
+        y = skip.clone()
+        y.add_(out)
         return y
     if spelling.startswith("alias_") or spelling == "cast_to_out":
         skip = {"alias_view": lambda: skip.view(skip.shape), "alias_contiguous": lambda: skip.contiguous(),
