@@ -26,10 +26,10 @@ from torch import nn
 
 from dropbp_fx.controller import POLICIES, DropController, check_rate
 from dropbp_fx.gate import DropGate
+from dropbp_fx.inner import INNER_COMPILERS, CompileCache, Compiled, inner_backend
 
 log = logging.getLogger("dropbp_fx")
 
-INNER_COMPILERS = ("eager",)
 
 OPTIONS = {
     "drop_rate": "float in [0, 1): target average fraction of residual branches dropped per step (default 0.5)",
@@ -39,7 +39,8 @@ OPTIONS = {
               "count), 'bernoulli' = independent coin flips (default 'topup')",
     "keep_one_open": "'auto', True or False: when a step's mask closes every gate, reopen one; 'auto' does so "
                      "only when nothing outside the gates trains (LoRA-style) (default 'auto')",
-    "inner": f"one of {INNER_COMPILERS}: how graphs run after the rewrite (default 'eager')",
+    "inner": f"one of {INNER_COMPILERS}: the compiler for the trunk segments and the branches (each branch "
+             "twice: a training and an inference graph) (default 'eager')",
 }
 DEFAULTS = {"drop_rate": 0.5, "seed": 0, "policy": "topup", "keep_one_open": "auto", "inner": "eager"}
 
@@ -93,6 +94,7 @@ class DropBP:
         self._weights: dict[str, int] = {}
         self.side_outputs: dict[str, int] = {}  # gate name -> values it returns besides the branch output
         self._root = None
+        self.compile_cache = CompileCache(inner) if inner != "eager" else None
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -107,10 +109,13 @@ class DropBP:
                 _REGISTRY[function] = self
         index = len(self.graphs)
         if not torch.is_grad_enabled():
-            return self._unchanged(gm, index, "traced with grad disabled: no gates")
+            return self._unchanged(gm, example_inputs, index, "traced with grad disabled: no gates")
         if root is not None and not root.training:
-            return self._unchanged(gm, index, "model in eval mode: no gates")
-        return self.transform(gm, example_inputs, name_prefix=prefix)
+            return self._unchanged(gm, example_inputs, index, "model in eval mode: no gates")
+        gm = self.transform(gm, example_inputs, name_prefix=prefix)
+        if not self.graphs[-1].gates:
+            return self._whole(gm, example_inputs)
+        return gm
 
     def transform(self, gm: fx.GraphModule, example_inputs: list | None = None, *,
                   name_prefix: str = "") -> fx.GraphModule:
@@ -146,15 +151,33 @@ class DropBP:
         _record_gate_params(gm, example_inputs, model, self.controller)
         if name_prefix:
             _anchor_gates(gm, example_inputs, model, name_prefix)
+        if self.compile_cache is not None:
+            self._compile_pieces(gm)
         log.info("dropbp: graph %d: %d residual branches gated (%s)%s", index, len(analysis.branches),
                  ", ".join(record.gates),
                  f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
         return gm
 
-    def _unchanged(self, gm, index, note):
+    def _unchanged(self, gm, example_inputs, index, note):
         self.graphs.append(GraphRecord(index, [], [], [], note))
         log.info("dropbp: graph %d %s; running it unchanged", index, note)
-        return gm
+        return self._whole(gm, example_inputs)
+
+    def _whole(self, gm, example_inputs):
+        """A graph without gates: the inner compiler takes it whole."""
+        inner = self.config["inner"]
+        return gm if inner == "eager" else inner_backend(inner)(gm, example_inputs)
+
+    def _compile_pieces(self, gm: fx.GraphModule) -> None:
+        """Trunk segments and both variants of every branch compile with the inner compiler on first call."""
+        from passes.segments import split_trunk
+
+        cache = self.compile_cache
+        for module in gm.modules():
+            if isinstance(module, DropGate):
+                module.run_open = Compiled(module.branch, cache, training=True)
+                module.run_closed = Compiled(module.branch, cache, training=False)
+        split_trunk(gm, lambda node: _is_gate_call(gm, node), lambda sub_gm: Compiled(sub_gm, cache, training=True))
 
     # ------------------------------------------------------------------ state
     @property
