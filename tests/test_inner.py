@@ -1,0 +1,155 @@
+"""Inner compilers: gradients equal the hook oracle under aot_eager and inductor, masks never recompile,
+identical layers share compiled pieces, and no-grad / eval calls run without gates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import dropbp_fx
+from tests.oracle import assert_same_grads, grads
+from tests.test_transformers import MODELS, _batch, _oracle_grads
+
+
+def _force(dbp, closed):
+    """Rates that close exactly ``closed`` this step (Bernoulli at ~1 vs 0)."""
+    dbp.controller.policy = "bernoulli"
+    dbp.controller.keep_one_open = False
+    dbp.set_rates({g: (0.999999999 if g in closed else 0.0) for g in dbp.gate_names})
+
+
+def _oracle_steps(arch, inner, steps, seed=3):
+    factory, expected, renames, _ = MODELS[arch]
+    torch.manual_seed(0)
+    model = factory().train()
+    oracle_model = copy.deepcopy(model)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=seed, inner=inner)
+    compiled = torch.compile(model, backend=dbp)
+    seen = set()
+    for step in range(steps):
+        batch = _batch(step)
+        model.zero_grad(set_to_none=True)
+        out = compiled(**batch)
+        out.loss.backward()
+        dropped = [g for g, d in dbp.last_mask.items() if d]
+        seen.add(tuple(dropped))
+        ref, ref_grads = _oracle_grads(oracle_model, batch, dropped, renames)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+        assert_same_grads(grads(model), ref_grads, rtol=1e-4, atol=1e-5)
+    assert dbp.gate_names == expected
+    assert len(seen) >= 3, "masks should vary, so that gates switch between open and closed"
+    return dbp
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_aot_eager_matches_hook_oracle(arch):
+    dbp = _oracle_steps(arch, "aot_eager", steps=6)
+    assert dbp.compile_cache.compiles > 0
+
+
+def test_inductor_matches_hook_oracle():
+    dbp = _oracle_steps("llama", "inductor", steps=6)
+    assert dbp.compile_cache.compiles > 0 and dbp.compile_cache.hits > 0  # layer 1 reuses layer 0's pieces
+
+
+class Block(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class Net(nn.Module):
+    def __init__(self, depth, d=16):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).sum()
+
+
+def _warm(dbp, compiled, x):
+    """Meet every variant once: all gates open, all closed, then alternating."""
+    names = dbp.gate_names
+    for closed in ([], names, names[::2], names[1::2]):
+        _force(dbp, closed)
+        compiled(x).backward()
+
+
+def test_changing_masks_never_recompile():
+    torch.manual_seed(0)
+    model = Net(depth=4)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="aot_eager")
+    compiled = torch.compile(model, backend=dbp)
+    x = torch.randn(8, 16)
+    compiled(x).backward()
+    _warm(dbp, compiled, x)
+    frames, aot, pieces = (counters["stats"]["unique_graphs"], counters["aot_autograd"]["total"],
+                           dbp.compile_cache.compiles)
+    dbp.controller.policy = "topup"
+    dbp.set_rates(0.5)
+    masks = set()
+    for _ in range(20):
+        compiled(x).backward()
+        masks.add(tuple(dbp.last_mask.values()))
+    assert len(masks) >= 5
+    assert counters["stats"]["unique_graphs"] == frames  # no Dynamo recompile
+    assert counters["aot_autograd"]["total"] == aot  # no AOTAutograd compile
+    assert dbp.compile_cache.compiles == pieces
+
+
+def test_identical_layers_share_compiled_pieces():
+    """An 8-layer model compiles as many pieces as a 2-layer one (the 1-layer model lacks only the segment
+    between two layers); compile times are in benchmarks/."""
+    compiled_pieces = {}
+    for depth in (1, 2, 8):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="aot_eager")
+        compiled = torch.compile(Net(depth=depth), backend=dbp)
+        x = torch.randn(8, 16)
+        compiled(x).backward()
+        _warm(dbp, compiled, x)
+        compiled_pieces[depth] = dbp.compile_cache.compiles
+        assert len(dbp.gate_names) == depth
+    assert compiled_pieces[8] == compiled_pieces[2] <= compiled_pieces[1] + 2
+
+
+def test_no_grad_and_eval_run_without_gates_and_without_a_recompile_storm():
+    torch.manual_seed(0)
+    model = Net(depth=3)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="aot_eager")
+    compiled = torch.compile(model, backend=dbp)
+    x = torch.randn(8, 16)
+    compiled(x).backward()
+    _warm(dbp, compiled, x)
+    step = dbp.step
+    with torch.no_grad():
+        first = compiled(x)
+    frames = counters["stats"]["unique_graphs"]
+    pieces = dbp.compile_cache.compiles
+    with torch.no_grad():
+        for _ in range(5):
+            assert torch.equal(compiled(x), first)
+    model.eval()
+    for _ in range(5):
+        compiled(x).backward()
+    model.train()
+    assert counters["stats"]["unique_graphs"] == frames  # one inference graph, compiled once
+    assert dbp.compile_cache.compiles == pieces  # no piece compiled for the no-grad or eval calls
+    assert dbp.step == step  # no mask drawn
+    assert "traced with grad disabled: no gates" in [g.note for g in dbp.graphs]
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(x), rtol=1e-5, atol=1e-6)
