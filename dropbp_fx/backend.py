@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from dropbp_fx.checkpoint import Checkpointed
 from dropbp_fx.controller import POLICIES, DropController, check_rate
 from dropbp_fx.gate import DropGate
 from dropbp_fx.inner import INNER_COMPILERS, CompileCache, Compiled, inner_backend
@@ -112,9 +113,10 @@ class DropBP:
             return self._unchanged(gm, example_inputs, index, "traced with grad disabled: no gates")
         if root is not None and not root.training:
             return self._unchanged(gm, example_inputs, index, "model in eval mode: no gates")
-        gm = self.transform(gm, example_inputs, name_prefix=prefix)
-        if not self.graphs[-1].gates:
+        if not self._rewrite(gm, example_inputs, prefix):
             return self._whole(gm, example_inputs)
+        if self.compile_cache is not None:
+            self._compile_pieces(gm)
         return gm
 
     def transform(self, gm: fx.GraphModule, example_inputs: list | None = None, *,
@@ -124,8 +126,22 @@ class DropBP:
         The module is rewritten in place and returned; its gates report to this object.
         ``name_prefix`` is prepended to gate names (the module path of a traced sub-frame).
         """
+        if self._rewrite(gm, example_inputs, name_prefix) and self.compile_cache is not None:
+            self._compile_pieces(gm)
+        return gm
+
+    def _rewrite(self, gm: fx.GraphModule, example_inputs, name_prefix: str) -> int:
+        """Gate the residual branches of ``gm`` and of its checkpointed regions; returns how many."""
+        from passes.checkpoints import checkpoint_calls, replace_checkpoint_calls
         from passes.gating import gate_residual_branches
         from passes.residuals import find_residual_branches
+
+        gated = 0
+        values = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs or ()))
+        for call, body in checkpoint_calls(gm):  # layers under gradient checkpointing
+            gated += self._rewrite(body, [values.get(a) for a in call.args[1:]], name_prefix)
+        if gated:
+            replace_checkpoint_calls(gm, Checkpointed)
 
         index = len(self.graphs)
         analysis = find_residual_branches(gm)
@@ -136,10 +152,11 @@ class DropBP:
                              [(s.add.name, s.module, s.reason) for s in analysis.skipped])
         self.graphs.append(record)
         if not analysis.branches:
-            record.note = "no residual branch: unchanged"
-            log.info("dropbp: graph %d has no residual branch (%d adds looked at); running it unchanged",
-                     index, len(analysis.skipped))
-            return gm
+            if not gated:
+                record.note = "no residual branch: unchanged"
+                log.info("dropbp: graph %d has no residual branch (%d adds looked at); running it unchanged",
+                         index, len(analysis.skipped))
+            return gated
         for branch in analysis.branches:
             self._weights[branch.name] = branch.weight
             self.side_outputs[branch.name] = len(branch.side_outputs)
@@ -151,12 +168,10 @@ class DropBP:
         _record_gate_params(gm, example_inputs, model, self.controller)
         if name_prefix:
             _anchor_gates(gm, example_inputs, model, name_prefix)
-        if self.compile_cache is not None:
-            self._compile_pieces(gm)
         log.info("dropbp: graph %d: %d residual branches gated (%s)%s", index, len(analysis.branches),
                  ", ".join(record.gates),
                  f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
-        return gm
+        return gated + len(analysis.branches)
 
     def _unchanged(self, gm, example_inputs, index, note):
         self.graphs.append(GraphRecord(index, [], [], [], note))
@@ -173,11 +188,14 @@ class DropBP:
         from passes.segments import split_trunk
 
         cache = self.compile_cache
+        regions = [gm] + [m.body for m in gm.modules() if isinstance(m, Checkpointed)]
         for module in gm.modules():
             if isinstance(module, DropGate):
                 module.run_open = Compiled(module.branch, cache, training=True)
                 module.run_closed = Compiled(module.branch, cache, training=False)
-        split_trunk(gm, lambda node: _is_gate_call(gm, node), lambda sub_gm: Compiled(sub_gm, cache, training=True))
+        for region in regions:
+            split_trunk(region, lambda node, r=region: _is_opaque_call(r, node),
+                        lambda sub_gm: Compiled(sub_gm, cache, training=True))
 
     # ------------------------------------------------------------------ state
     @property
@@ -403,3 +421,8 @@ def _grad_input_feeds_trunk(gm: fx.GraphModule, example_inputs) -> bool:
 
 def _is_gate_call(gm, node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), DropGate)
+
+
+def _is_opaque_call(gm, node) -> bool:
+    """Calls an inner compiler must not trace into: gates and checkpointed regions."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (DropGate, Checkpointed))

@@ -161,6 +161,8 @@ class DropController:
         """Called by a gate on every training-mode call: is the gate closed this step?"""
         if not torch.is_grad_enabled():
             return False
+        if torch._C._current_graph_task_id() != -1:  # backward recomputing a checkpointed region
+            return slot < len(self._mask) and self._mask[slot]
         if self._model is not None:
             model = self._model()
             if model is not None and not model.training:

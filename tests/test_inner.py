@@ -153,3 +153,30 @@ def test_no_grad_and_eval_run_without_gates_and_without_a_recompile_storm():
     assert "traced with grad disabled: no gates" in [g.note for g in dbp.graphs]
     with torch.no_grad():
         torch.testing.assert_close(first, model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_gates_inside_checkpointed_layers(arch, inner):
+    """``gradient_checkpointing_enable()``: Dynamo wraps each layer in a checkpoint op; the gates go
+    inside, the region runs under eager checkpointing, and the recompute in backward drops the same
+    branches as the forward."""
+    factory, expected, renames, _ = MODELS[arch]
+    torch.manual_seed(0)
+    model = factory().train()
+    model.gradient_checkpointing_enable()
+    oracle_model = copy.deepcopy(model)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=3, inner=inner)
+    compiled = torch.compile(model, backend=dbp)
+    for step in range(4):
+        batch = _batch(step)
+        model.zero_grad(set_to_none=True)
+        out = compiled(**batch)
+        out.loss.backward()
+        assert dbp.step == step + 1  # the recompute in backward drew no mask
+        dropped = [g for g, d in dbp.last_mask.items() if d]
+        ref, ref_grads = _oracle_grads(oracle_model, batch, dropped, renames)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+        assert_same_grads(grads(model), ref_grads, rtol=1e-4, atol=1e-5)
+    assert dbp.gate_names == expected
+    assert all(calls == 4 for _, calls in dbp.counts().values())  # forward calls only
