@@ -165,9 +165,10 @@ class DropBP:
             self.controller.watch(gm)
             self.controller.trunk_inputs_train |= _grad_input_feeds_trunk(gm, example_inputs)
         model = self._root() if self._root is not None else gm
-        _record_gate_params(gm, example_inputs, model, self.controller)
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        _record_gate_params(gm, example_inputs, names, self.controller)
         if name_prefix:
-            _anchor_gates(gm, example_inputs, model, name_prefix)
+            _anchor_gates(gm, example_inputs, names, name_prefix)
         log.info("dropbp: graph %d: %d residual branches gated (%s)%s", index, len(analysis.branches),
                  ", ".join(record.gates),
                  f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
@@ -344,9 +345,12 @@ def _compiled_module(example_inputs) -> tuple[nn.Module | None, str]:
     return root, prefix
 
 
-def _gate_inputs(gm: fx.GraphModule, example_inputs, model: nn.Module):
-    """Yield ``(gate, call node, [(argument index, parameter name)])`` for each gate of ``gm``."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+def _gate_parameters(gm: fx.GraphModule, example_inputs, names: dict[int, str]):
+    """Yield ``(gate, [(argument index or None, parameter name, parameter)])`` for each gate of ``gm``.
+
+    ``names`` maps ``id(parameter)`` to its name in the model. Parameters reach a gate as arguments
+    (Dynamo placeholders, ``get_attr`` nodes: the index is set) or inside its branch (``call_module``).
+    """
     values = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs or ()))
     for node in gm.graph.nodes:
         if not _is_gate_call(gm, node):
@@ -358,33 +362,32 @@ def _gate_inputs(gm: fx.GraphModule, example_inputs, model: nn.Module):
             if value is None and isinstance(arg, fx.Node) and arg.op == "get_attr":
                 value = _attr(gm, arg.target)
             if isinstance(value, nn.Parameter) and id(value) in names:
-                params.append((index, names[id(value)]))
-        params += [(None, names[id(p)]) for p in gate.branch.parameters() if id(p) in names]
-        yield gate, node, params
+                params.append((index, names[id(value)], value))
+        params += [(None, names[id(p)], p) for p in gate.branch.parameters() if id(p) in names]
+        yield gate, params
 
 
-def _record_gate_params(gm, example_inputs, model, controller) -> None:
+def _record_gate_params(gm, example_inputs, names, controller) -> None:
     """Tell the controller which parameters each gate consumes (for ``keep_one_open='auto'``)."""
-    for _, _, params in _gate_inputs(gm, example_inputs, model):
-        controller.gate_params.update(name for _, name in params)
+    for _, params in _gate_parameters(gm, example_inputs, names):
+        controller.gate_params.update(name for _, name, _ in params)
 
 
-def _anchor_gates(gm: fx.GraphModule, example_inputs, model: nn.Module, prefix: str) -> None:
+def _anchor_gates(gm: fx.GraphModule, example_inputs, names: dict[int, str], prefix: str) -> None:
     """Let the gates of a layer-frame graph (``blocks.0``) name themselves after the layer they run for.
 
     Dynamo reuses such a graph for every identical layer; each gate is told which argument is one of
     its parameters, and names a new layer's gate by swapping the layer prefix: ``blocks.0.mlp`` was
     compiled with ``blocks.0.mlp.0.weight``; called with ``blocks.1.mlp.0.weight`` it is ``blocks.1.mlp``.
     """
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    for gate, node, params in _gate_inputs(gm, example_inputs, model):
-        anchors = [(i, n) for i, n in params if i is not None and n.startswith(prefix + ".")]
+    for gate, params in _gate_parameters(gm, example_inputs, names):
+        anchors = [(i, n, p) for i, n, p in params if i is not None and n.startswith(prefix + ".")]
         if not anchors:
             continue
-        index, anchor = anchors[0]
-        owned = [n[len(prefix):] for _, n in params if n.startswith(prefix + ".")]  # ".mlp.0.weight", ...
+        index, anchor, parameter = anchors[0]
+        owned = [n[len(prefix):] for _, n, _ in params if n.startswith(prefix + ".")]  # ".mlp.0.weight", ...
         gate.anchor, gate.namer = index, _layer_namer(names, anchor[len(prefix):], gate.gate_name[len(prefix):], owned)
-        gate._slots[id(_attr_or_value(gm, node.args[index], example_inputs))] = gate.slot
+        gate._slots[id(parameter)] = gate.slot
 
 
 def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[str]):
@@ -395,11 +398,6 @@ def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[
         layer = full[: len(full) - len(suffix)]
         return layer + relative, [layer + n for n in owned]
     return namer
-
-
-def _attr_or_value(gm, node, example_inputs):
-    values = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs or ()))
-    return values[node] if node in values else _attr(gm, node.target)
 
 
 def _attr(gm, target: str):
