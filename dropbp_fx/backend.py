@@ -27,7 +27,7 @@ from torch import nn
 from dropbp_fx.checkpoint import Checkpointed
 from dropbp_fx.controller import POLICIES, DropController, check_rate
 from dropbp_fx.gate import DropGate
-from dropbp_fx.inner import INNER_COMPILERS, CompileCache, Compiled, inner_backend
+from dropbp_fx.inner import INNER_COMPILERS, CompileCache, Compiled, inner_backend, input_key
 
 log = logging.getLogger("dropbp_fx")
 
@@ -96,6 +96,7 @@ class DropBP:
         self.side_outputs: dict[str, int] = {}  # gate name -> values it returns besides the branch output
         self._root = None
         self.compile_cache = CompileCache(inner) if inner != "eager" else None
+        self._flops_cache: dict[tuple, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -160,7 +161,9 @@ class DropBP:
         for branch in analysis.branches:
             self._weights[branch.name] = branch.weight
             self.side_outputs[branch.name] = len(branch.side_outputs)
+        _propagate_shapes(gm, example_inputs)
         gate_residual_branches(gm, analysis.branches, self.controller)
+        self._count_flops(gm)
         if self._root is None:  # a hand-traced GraphModule or a compiled function: its own parameters and mode
             self.controller.watch(gm)
             self.controller.trunk_inputs_train |= _grad_input_feeds_trunk(gm, example_inputs)
@@ -173,6 +176,25 @@ class DropBP:
                  ", ".join(record.gates),
                  f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
         return gated + len(analysis.branches)
+
+    def _count_flops(self, gm: fx.GraphModule) -> None:
+        """FLOPs of every gate's branch, from the shapes the graph carries (identical layers counted once)."""
+        from passes.flops import count_flops
+        from passes.graph_view import structure_key
+
+        for node in gm.graph.nodes:
+            if not _is_gate_call(gm, node):
+                continue
+            values = [a.meta.get("example_value", a.meta.get("val")) if isinstance(a, fx.Node) else a
+                      for a in node.args]
+            if any(v is None for v in values):
+                continue  # no shapes (a symbolic_trace graph transformed without example inputs)
+            gate = gm.get_submodule(node.target)
+            key = (structure_key(gate.branch), input_key(values))
+            if key not in self._flops_cache:
+                self._flops_cache[key] = count_flops(gate.branch, values)
+            gate.flops = self._flops_cache[key]
+            self.controller.gates[gate.slot].flops = gate.flops
 
     def _unchanged(self, gm, example_inputs, index, note):
         self.graphs.append(GraphRecord(index, [], [], [], note))
@@ -229,17 +251,20 @@ class DropBP:
         self.controller.load_state_dict(state)
 
     def summary(self) -> str:
-        """A table of the gates: name, share of the gated parameters, rate, dropped/calls."""
+        """A table of the gates: name, share of the branches' backward FLOPs, rate, dropped/calls."""
         gates = self.controller.gates
         if not gates:
             notes = "; ".join(r.note for r in self.graphs if r.note) or "no graph compiled yet"
             return f"dropbp: no gates ({notes})"
-        total = sum(self._weights.values()) or 1
+        if all(g.flops for g in gates):
+            label, weights = "bwd FLOPs share", {g.name: g.flops[1] for g in gates}
+        else:  # no shapes to count FLOPs on: parameters stand in
+            label, weights = "params share", {g.name: self._weights.get(g.name, 0) for g in gates}
+        total = sum(weights.values()) or 1
         width = max(len(g.name) for g in gates)
-        lines = [f"{'gate':<{width}}  params share  rate   dropped/calls"]
+        lines = [f"{'gate':<{width}}  {label:>15}  rate   dropped/calls"]
         for g in gates:
-            share = self._weights.get(g.name, 0) / total
-            lines.append(f"{g.name:<{width}}  {share:12.1%}  {g.rate:.3f}  {g.drops}/{g.calls}")
+            lines.append(f"{g.name:<{width}}  {weights[g.name] / total:15.1%}  {g.rate:.3f}  {g.drops}/{g.calls}")
         lines.append(f"{len(gates)} gates, mean rate {sum(g.rate for g in gates) / len(gates):.3f}, "
                      f"policy {self.controller.policy}, seed {self.controller.seed}, step {self.step}")
         return "\n".join(lines)
@@ -398,6 +423,17 @@ def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[
         layer = full[: len(full) - len(suffix)]
         return layer + relative, [layer + n for n in owned]
     return namer
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    """Give a graph without shape metadata (``symbolic_trace``) fake values, when inputs are known."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not example_inputs or any("example_value" in n.meta or "val" in n.meta for n in placeholders):
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
 
 
 def _attr(gm, target: str):

@@ -30,6 +30,7 @@ class GateState:
     rate: float
     calls: int = 0  # training-mode calls
     drops: int = 0  # of which closed
+    flops: tuple[int, int] | None = None  # (forward, backward) FLOPs of the branch, counted on the graph
 
 
 def uniform(seed: int, step: int, name: str) -> float:
@@ -87,10 +88,11 @@ class DropController:
         self._model = weakref.ref(model)
 
     # ---------------------------------------------------------------- gates
-    def register(self, name: str, params=()) -> int:
+    def register(self, name: str, params=(), flops: tuple[int, int] | None = None) -> int:
         """The slot of gate ``name`` (gates of recompiled graphs share the slot of their name).
 
-        ``params``: names of the parameters the gate's branch consumes (see :meth:`trunk_trains`).
+        ``params``: names of the parameters the gate's branch consumes (see :meth:`trunk_trains`);
+        ``flops``: its (forward, backward) FLOPs.
         """
         self.gate_params.update(params)
         slot = self._slots.get(name)
@@ -98,6 +100,8 @@ class DropController:
             slot = len(self.gates)
             self._slots[name] = slot
             self.gates.append(GateState(name, self.drop_rate))
+        if flops is not None:
+            self.gates[slot].flops = flops
         return slot
 
     @property

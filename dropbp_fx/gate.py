@@ -36,6 +36,7 @@ class DropGate(nn.Module):
         # ``namer(parameter) -> (name, names of the parameters it consumes)``.
         self.anchor: int | None = None
         self.namer = None
+        self.flops: tuple[int, int] | None = None  # (forward, backward), set by the backend
         self._slots: dict[int, int] = {}
 
     def forward(self, *args):
@@ -52,7 +53,7 @@ class DropGate(nn.Module):
         slot = self._slots.get(id(parameter))
         if slot is None:
             name, params = self.namer(parameter)
-            slot = self._slots[id(parameter)] = self.controller.register(name or self.gate_name, params)
+            slot = self._slots[id(parameter)] = self.controller.register(name or self.gate_name, params, self.flops)
         return slot
 
     def extra_repr(self) -> str:

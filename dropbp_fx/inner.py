@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from passes.graph_view import structure_key
+
 log = logging.getLogger("dropbp_fx")
 
 INNER_COMPILERS = ("eager", "aot_eager", "inductor")
@@ -41,24 +43,7 @@ def inner_backend(inner: str):
     raise ValueError(f"no compiler for inner={inner!r}; choose one of {INNER_COMPILERS}")
 
 
-def structure_key(gm: fx.GraphModule) -> str:
-    """The graph's ops and wiring with node names left out: equal for identical layers."""
-    index: dict[fx.Node, int] = {}
-    parts = []
-    for i, node in enumerate(gm.graph.nodes):
-        index[node] = i
-        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
-        if node.op == "placeholder":  # its name (``l_..._layers_modules_3_...``) is not structure
-            parts.append("placeholder")
-            continue
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", None) or repr(
-            node.target)
-        module = getattr(node.target, "__module__", "")
-        parts.append(f"{node.op}|{module}.{target}|{args!r}")
-    return "\n".join(parts)
-
-
-def _input_key(args) -> tuple:
+def input_key(args) -> tuple:
     """Shapes, strides, dtypes, devices, grad flags, and which arguments are the same tensor
     (AOTAutograd compiles duplicated inputs away, so that pattern is part of the artifact)."""
     key, first = [], {}
@@ -82,7 +67,7 @@ class CompileCache:
         self.seconds = 0.0
 
     def get(self, gm: fx.GraphModule, args, training: bool):
-        key = (structure_key(gm), _input_key(args), training)
+        key = (structure_key(gm), input_key(args), training)
         fn = self._fns.get(key)
         if fn is not None:
             self.hits += 1

@@ -357,3 +357,20 @@ def common_module_path(paths: Iterable[str]) -> str:
             n += 1
         prefix = prefix[:n]
     return ".".join(prefix)
+
+
+def structure_key(gm: fx.GraphModule) -> str:
+    """The graph's ops and wiring with node names left out: equal for identical layers."""
+    index: dict[fx.Node, int] = {}
+    parts = []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        if node.op == "placeholder":  # its name (``l_..._layers_modules_3_...``) is not structure
+            parts.append("placeholder")
+            continue
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", None) or repr(
+            node.target)
+        module = getattr(node.target, "__module__", "")
+        parts.append(f"{node.op}|{module}.{target}|{args!r}")
+    return "\n".join(parts)
