@@ -12,8 +12,10 @@ Public API::
 """
 
 from dropbp_fx.backend import DropBP, get_dropbp, validate_options
+from dropbp_fx.calibrate import Calibration, CalibrationSchedule, calibrate, sensitivities
 from dropbp_fx.controller import DropController
 from dropbp_fx.gate import DropGate
 
-__all__ = ["DropBP", "DropController", "DropGate", "get_dropbp", "validate_options"]
+__all__ = ["Calibration", "CalibrationSchedule", "DropBP", "DropController", "DropGate", "calibrate", "get_dropbp",
+           "sensitivities", "validate_options"]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from torch import nn
 from dropbp_fx.checkpoint import Checkpointed
 from dropbp_fx.controller import POLICIES, DropController, check_rate
 from dropbp_fx.gate import DropGate
+from dropbp_fx.probe import Probe
 from dropbp_fx.inner import INNER_COMPILERS, CompileCache, Compiled, inner_backend, input_key
 
 log = logging.getLogger("dropbp_fx")
@@ -135,6 +136,7 @@ class DropBP:
         """Gate the residual branches of ``gm`` and of its checkpointed regions; returns how many."""
         from passes.checkpoints import checkpoint_calls, replace_checkpoint_calls
         from passes.gating import gate_residual_branches
+        from passes.instrument import insert_probes
         from passes.residuals import find_residual_branches
 
         gated = 0
@@ -163,6 +165,8 @@ class DropBP:
             self.side_outputs[branch.name] = len(branch.side_outputs)
         _propagate_shapes(gm, example_inputs)
         gate_residual_branches(gm, analysis.branches, self.controller)
+        insert_probes(gm, lambda node: _is_gate_call(gm, node),
+                      lambda target, side: Probe(gm.get_submodule(target), side, self.controller.recorder))
         self._count_flops(gm)
         if self._root is None:  # a hand-traced GraphModule or a compiled function: its own parameters and mode
             self.controller.watch(gm)
@@ -394,8 +398,8 @@ def _gate_parameters(gm: fx.GraphModule, example_inputs, names: dict[int, str]):
 
 def _record_gate_params(gm, example_inputs, names, controller) -> None:
     """Tell the controller which parameters each gate consumes (for ``keep_one_open='auto'``)."""
-    for _, params in _gate_parameters(gm, example_inputs, names):
-        controller.gate_params.update(name for _, name, _ in params)
+    for gate, params in _gate_parameters(gm, example_inputs, names):
+        controller.register(gate.gate_name, [name for _, name, _ in params])
 
 
 def _anchor_gates(gm: fx.GraphModule, example_inputs, names: dict[int, str], prefix: str) -> None:
@@ -458,5 +462,5 @@ def _is_gate_call(gm, node) -> bool:
 
 
 def _is_opaque_call(gm, node) -> bool:
-    """Calls an inner compiler must not trace into: gates and checkpointed regions."""
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (DropGate, Checkpointed))
+    """Calls an inner compiler must not trace into: gates, probes and checkpointed regions."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (DropGate, Probe, Checkpointed))

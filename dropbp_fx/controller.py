@@ -17,9 +17,11 @@ import hashlib
 import math
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from dropbp_fx.probe import ProbeRecorder
 
 POLICIES = ("topup", "bernoulli")
 
@@ -31,6 +33,7 @@ class GateState:
     calls: int = 0  # training-mode calls
     drops: int = 0  # of which closed
     flops: tuple[int, int] | None = None  # (forward, backward) FLOPs of the branch, counted on the graph
+    params: set[str] = field(default_factory=set)  # names of the parameters the branch consumes
 
 
 def uniform(seed: int, step: int, name: str) -> float:
@@ -82,6 +85,8 @@ class DropController:
         self.trunk_inputs_train = False  # set for graphs of compiled functions: a grad input feeds the trunk
         self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
         self._model = None  # weakref to the compiled model: its eval mode turns dropping off
+        self.forced: dict[int, bool] | None = None  # a calibration's fixed mask (slot -> dropped)
+        self.recorder = ProbeRecorder()
 
     def watch(self, model) -> None:
         """Drop only while ``model.training`` (a Dynamo graph may not be specialised on the mode)."""
@@ -102,6 +107,7 @@ class DropController:
             self.gates.append(GateState(name, self.drop_rate))
         if flops is not None:
             self.gates[slot].flops = flops
+        self.gates[slot].params.update(params)
         return slot
 
     @property
@@ -165,6 +171,8 @@ class DropController:
         """Called by a gate on every training-mode call: is the gate closed this step?"""
         if not torch.is_grad_enabled():
             return False
+        if self.forced is not None:  # a calibration pass: no step, no counts
+            return self.forced.get(slot, False)
         if torch._C._current_graph_task_id() != -1:  # backward recomputing a checkpointed region
             return slot < len(self._mask) and self._mask[slot]
         if self._model is not None:

@@ -37,10 +37,15 @@ class DropGate(nn.Module):
         self.anchor: int | None = None
         self.namer = None
         self.flops: tuple[int, int] | None = None  # (forward, backward), set by the backend
+        self.ticket = None  # a probe waiting to learn this call's slot (calibration only)
+        self.last_slot = self.slot
         self._slots: dict[int, int] = {}
 
     def forward(self, *args):
         slot = self.slot if self.anchor is None else self._slot_for(args[self.anchor])
+        if self.ticket is not None:  # a calibration is recording
+            self.ticket[0] = self.last_slot = slot
+            self.ticket = None
         if self.training and self.controller.is_dropped(slot):
             with torch.no_grad():
                 outputs = self.run_closed(*args)

@@ -46,6 +46,8 @@ def _gate_one(gm: fx.GraphModule, branch: ResidualBranch, controller) -> None:
     call = outline(gm, branch.nodes, lambda sub_gm: DropGate(sub_gm, branch.name, controller), "dropbp_gate",
                    first=branch.output, class_name="ResidualBranch")
     call.meta["dropbp_gate"] = branch.name
+    if branch.stream is not None:  # which argument is the residual stream (for passes.instrument)
+        call.meta["dropbp_stream_arg"] = call.args.index(branch.stream)
     if "nn_module_stack" in branch.add.meta:
         call.meta["nn_module_stack"] = dict(branch.add.meta["nn_module_stack"])
 

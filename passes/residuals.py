@@ -58,6 +58,7 @@ class ResidualBranch:
     kind: str  # "identity", "parallel" or "projection"
     weight: int  # parameter elements used by the branch's compute nodes
     partial_sum: fx.Node | None = None  # parallel terms: the add that sums this term with the others
+    stream: fx.Node | None = None  # the residual-stream value the branch reads (one of ``inputs``)
 
     def __repr__(self) -> str:
         return (f"ResidualBranch({self.name!r}, kind={self.kind}, add={self.add.name}, skip={self.skip.name}, "
@@ -228,7 +229,7 @@ def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residua
     side = [n for n in ordered if n is not out and any(u not in nodes for u in n.users)]
     weight = sum(gv.node_weight(n, root, dfg.graph["constants"]) for n in compute)
     return ResidualBranch(_branch_name(compute, add), residual_add or add, skip, out, ordered, list(inputs), side,
-                          kind, weight)
+                          kind, weight, stream=stream if stream in inputs else None)
 
 
 def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:

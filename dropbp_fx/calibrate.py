@@ -1,0 +1,222 @@
+"""Sensitivity-based drop rates in one call.
+
+``dropbp_fx.calibrate(compiled, batch, target=0.75)`` measures how much each gated
+branch matters, reads each branch's backward FLOPs from the graph, spends the FLOPs
+budget of the target rate on per-gate rates (:mod:`dropbp_fx.allocate`) and applies
+them. Sensitivity, as in the paper: with branch ``i`` alone dropped, on the same batch,
+
+    C_i = sum over parameter tensors of (||g_ref|| - ||g_drop_i||)^2.
+
+``method="exact"`` computes that with N+1 backward passes. ``method="fast"`` estimates
+it from one backward pass, read through the probes of :mod:`passes.instrument`:
+
+* the branch's own parameters lose their whole gradient: ``sum ||g_p||^2`` over them;
+* every parameter below the branch loses the part of its gradient that came through
+  the branch. The probes give the branch's share of the stream gradient,
+  ``r_i^2 = ||grad through the branch||^2 / ||grad of the stream at its input||^2``,
+  and that share of the upstream parameters' squared gradient norms is the estimate.
+
+Neither changes the global RNG state (each pass replays the same randomness, so dropout
+draws the same masks, then the state is restored), leaves anything in ``.grad``, touches
+the parameters or the mode of the model, or advances the drop schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dropbp_fx.allocate import allocate_rates
+from dropbp_fx.backend import DropBP, get_dropbp
+
+log = logging.getLogger("dropbp_fx")
+
+METHODS = ("fast", "exact")
+
+
+@dataclass
+class CalibrationRow:
+    gate: str
+    flops_share: float
+    sensitivity: float
+    rate: float
+
+
+class Calibration(list):
+    """Rows of (gate, FLOPs share, sensitivity, rate); prints as a table."""
+
+    method: str = ""
+    backward_passes: int = 0
+    target: float = 0.0
+
+    def __str__(self) -> str:
+        width = max([len(r.gate) for r in self] + [4])
+        lines = [f"{'gate':<{width}}  bwd FLOPs share  sensitivity  rate"]
+        lines += [f"{r.gate:<{width}}  {r.flops_share:15.1%}  {r.sensitivity:11.4g}  {r.rate:.3f}" for r in self]
+        lines.append(f"target {self.target}, method {self.method} ({self.backward_passes} backward passes)")
+        return "\n".join(lines)
+
+
+def _loss_fn(compiled, batch_or_closure) -> Callable[[], torch.Tensor]:
+    if callable(batch_or_closure) and not isinstance(batch_or_closure, (torch.Tensor, dict, list, tuple)):
+        return batch_or_closure
+
+    def loss():
+        if isinstance(batch_or_closure, dict):
+            out = compiled(**batch_or_closure)
+        elif isinstance(batch_or_closure, (list, tuple)):
+            out = compiled(*batch_or_closure)
+        else:
+            out = compiled(batch_or_closure)
+        out = getattr(out, "loss", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise ValueError("calibrate: the batch must make the model return a scalar loss (or an output with "
+                             ".loss); pass a closure `lambda: loss_fn(compiled(batch))` instead")
+        return out
+    return loss
+
+
+@contextlib.contextmanager
+def _same_randomness():
+    """Every pass replays the same RNG state; the caller's state is restored afterwards."""
+    states = (torch.get_rng_state(), random.getstate(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        import numpy as np
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np, np_state = None, None
+
+    def replay():
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        if states[2] is not None:
+            torch.cuda.set_rng_state_all(states[2])
+        if np is not None:
+            np.random.set_state(np_state)
+    try:
+        yield replay
+    finally:
+        replay()
+
+
+def _model_of(compiled) -> nn.Module:
+    model = getattr(compiled, "_orig_mod", compiled)
+    if not isinstance(model, nn.Module):
+        raise TypeError("calibrate needs the compiled model (torch.compile(model, backend='dropbp'))")
+    return model
+
+
+def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dict[str, float], int]:
+    """Gate name -> sensitivity, and the number of backward passes it took."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    dbp: DropBP = get_dropbp(compiled)
+    model = _model_of(compiled)
+    loss_fn = _loss_fn(compiled, batch_or_closure)
+    controller = dbp.controller
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("calibrate: no parameter requires grad, so there is no gradient to measure")
+
+    def grad_norms(dropped: int | None) -> list[float]:
+        controller.forced = {} if dropped is None else {dropped: True}
+        try:
+            replay()
+            loss = loss_fn()
+            if not loss.requires_grad:
+                raise ValueError("calibrate: the loss does not require grad on this batch (nothing trainable "
+                                 "reaches it); use a batch that trains the model")
+            grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        finally:
+            controller.forced = None
+        return [0.0 if g is None else float(g.detach().float().norm()) for g in grads]
+
+    with _same_randomness() as replay:
+        if controller.gates:
+            controller.recorder.reset()
+            controller.recorder.active = method == "fast"
+        try:
+            reference = grad_norms(None)
+        finally:
+            controller.recorder.active = False
+        if not controller.gates:
+            raise LookupError("calibrate: the model has no gates yet; run one training step first")
+        names = [g.name for g in controller.gates]
+        if method == "exact":
+            result = {}
+            for slot, name in enumerate(names):
+                dropped = grad_norms(slot)
+                result[name] = sum((a - b) ** 2 for a, b in zip(reference, dropped))
+            return result, len(names) + 1
+    return _fast_estimate(controller, params, reference), 1
+
+
+def _fast_estimate(controller, params, reference) -> dict[str, float]:
+    squared = {name: norm ** 2 for (name, _), norm in zip(params, reference)}
+    order = {name: i for i, (name, _) in enumerate(params)}
+    result = {}
+    for slot, gate in enumerate(controller.gates):
+        own = [n for n in gate.params if n in squared]
+        first = min((order[n] for n in own), default=len(order))
+        upstream = sum(sq for n, sq in squared.items() if order[n] < first and n not in gate.params)
+        through = controller.recorder.sums.get((slot, "in"), 0.0)
+        stream = controller.recorder.sums.get((slot, "out"), 0.0) + through
+        share = through / stream if stream > 0 else 0.0
+        result[gate.name] = sum(squared[n] for n in own) + share * upstream
+    return result
+
+
+def calibrate(compiled, batch_or_closure, target: float = 0.75, *, method: str = "fast",
+              allocator: str = "optimal", min_rate: float = 0.0, max_rate: float = 0.95) -> Calibration:
+    """Measure sensitivities, allocate per-gate rates for ``target`` and apply them; returns the table."""
+    dbp = get_dropbp(compiled)
+    sens, passes = sensitivities(compiled, batch_or_closure, method)
+    gates = dbp.controller.gates
+    missing = [g.name for g in gates if not g.flops]
+    flops = [g.flops[1] if g.flops else 1.0 for g in gates]
+    if missing:
+        log.warning("dropbp: no FLOPs for %s (no shapes in the graph); counting them as equal", missing)
+    rates = allocate_rates([sens[g.name] for g in gates], flops, target, method=allocator,
+                           min_rate=min_rate, max_rate=max_rate)
+    dbp.set_rates({g.name: r for g, r in zip(gates, rates)})
+    total = sum(flops)
+    table = Calibration(CalibrationRow(g.name, f / total, sens[g.name], r) for g, f, r in zip(gates, flops, rates))
+    table.method, table.backward_passes, table.target = method, passes, target
+    log.info("dropbp: calibrated %d gates (%s, %d backward passes) for target %.3f", len(gates), method, passes,
+             target)
+    return table
+
+
+class CalibrationSchedule:
+    """Calibrate once, at ``fraction`` of ``total_steps`` (10% by default, as the paper does).
+
+    Call :meth:`step` once per training step with that step's batch (or a loss closure)::
+
+        schedule = dropbp_fx.CalibrationSchedule(compiled, total_steps=1000, target=0.75)
+        for batch in loader:
+            schedule.step(batch)       # calibrates at step 100; rates stay uniform before
+            loss = compiled(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, compiled, total_steps: int, *, target: float = 0.75, fraction: float = 0.1,
+                 method: str = "fast", **kwargs) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+        self.compiled, self.at = compiled, int(fraction * total_steps)
+        self.target, self.method, self.kwargs = target, method, kwargs
+        self.steps, self.result = 0, None
+
+    def step(self, batch_or_closure) -> Calibration | None:
+        if self.result is None and self.steps >= self.at and self.steps > 0:
+            self.result = calibrate(self.compiled, batch_or_closure, self.target, method=self.method, **self.kwargs)
+        self.steps += 1
+        return self.result
