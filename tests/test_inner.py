@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import dropbp_fx
 from tests.oracle import assert_same_grads, grads
+from tests.test_runtime import Block
 from tests.test_transformers import MODELS, _batch, _oracle_grads
 
 
@@ -52,16 +53,6 @@ def test_inner_compiler_matches_hook_oracle(arch, inner):
     assert dbp.compile_cache.compiles > 0 and dbp.compile_cache.hits > 0  # layer 1 reuses layer 0's pieces
 
 
-class Block(nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
 class Net(nn.Module):
     def __init__(self, depth, d=16):
         super().__init__()
@@ -76,22 +67,23 @@ class Net(nn.Module):
         return self.head(x).sum()
 
 
-def _warm(dbp, compiled, x):
-    """Meet every variant once: all gates open, all closed, then alternating."""
-    names = dbp.gate_names
-    for closed in ([], names, names[::2], names[1::2]):
-        _force(dbp, closed)
-        compiled(x).backward()
-
-
-def test_changing_masks_never_recompile():
+def _warmed(depth):
+    """A compiled ``Net`` that has met every variant once: all gates open, all closed, alternating."""
     torch.manual_seed(0)
-    model = Net(depth=4)
+    model = Net(depth=depth)
     dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="aot_eager")
     compiled = torch.compile(model, backend=dbp)
     x = torch.randn(8, 16)
     compiled(x).backward()
-    _warm(dbp, compiled, x)
+    names = dbp.gate_names
+    for closed in ([], names, names[::2], names[1::2]):
+        _force(dbp, closed)
+        compiled(x).backward()
+    return model, dbp, compiled, x
+
+
+def test_changing_masks_never_recompile():
+    _, dbp, compiled, x = _warmed(depth=4)
     frames, aot, pieces = (counters["stats"]["unique_graphs"], counters["aot_autograd"]["total"],
                            dbp.compile_cache.compiles)
     dbp.controller.policy = "topup"
@@ -112,25 +104,14 @@ def test_identical_layers_share_compiled_pieces():
     compiled_pieces = {}
     for depth in (1, 2, 8):
         torch._dynamo.reset()
-        torch.manual_seed(0)
-        dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="aot_eager")
-        compiled = torch.compile(Net(depth=depth), backend=dbp)
-        x = torch.randn(8, 16)
-        compiled(x).backward()
-        _warm(dbp, compiled, x)
+        _, dbp, _, _ = _warmed(depth)
         compiled_pieces[depth] = dbp.compile_cache.compiles
         assert len(dbp.gate_names) == depth
     assert compiled_pieces[8] == compiled_pieces[2] <= compiled_pieces[1] + 2
 
 
 def test_no_grad_and_eval_run_without_gates_and_without_a_recompile_storm():
-    torch.manual_seed(0)
-    model = Net(depth=3)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="aot_eager")
-    compiled = torch.compile(model, backend=dbp)
-    x = torch.randn(8, 16)
-    compiled(x).backward()
-    _warm(dbp, compiled, x)
+    model, dbp, compiled, x = _warmed(depth=3)
     step = dbp.step
     with torch.no_grad():
         first = compiled(x)
