@@ -65,7 +65,7 @@ def _reachable_backward_nodes(tensor):
 def test_closed_gate_saves_no_activations_and_has_no_backward(via):
     torch.manual_seed(0)
     model = Net(depth=2)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager")
     run = dbp.transform(torch.fx.symbolic_trace(model)) if via == "transform" else torch.compile(model, backend=dbp)
     x = torch.randn(4, 16, requires_grad=True)
     run(x)  # compile / register the gates
@@ -98,7 +98,7 @@ def test_closed_gate_saves_no_activations_and_has_no_backward(via):
 def test_forward_identical_and_gradients_match_oracle_for_every_mask():
     torch.manual_seed(0)
     model = Net(depth=3).double()
-    dbp = dropbp_fx.DropBP(drop_rate=0.5)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager")
     gm = dbp.transform(torch.fx.symbolic_trace(model))
     names = dbp.gate_names
     x = torch.randn(5, 16, dtype=torch.double)
@@ -164,7 +164,7 @@ def test_topup_fraction_over_1000_steps(p):
 
 def test_realised_fraction_through_a_model_matches_the_rule():
     model = Net(depth=8, d=4)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=0)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=0, inner="eager")
     gm = dbp.transform(torch.fx.symbolic_trace(model))
     x = torch.randn(1, 4)
     for _ in range(1000):
@@ -206,7 +206,7 @@ def test_two_processes_with_the_same_seed_draw_identical_masks():
 def test_no_dropping_in_eval_mode_or_without_grad():
     torch.manual_seed(0)
     model = Net(depth=2)
-    dbp = dropbp_fx.DropBP(drop_rate=0.9, policy="bernoulli")
+    dbp = dropbp_fx.DropBP(drop_rate=0.9, policy="bernoulli", inner="eager")
     compiled = torch.compile(model, backend=dbp)
     x = torch.randn(3, 16)
     compiled(x).sum().backward()
@@ -243,7 +243,7 @@ def test_graph_break_still_one_mask_per_step(model_cls):
     compile the layer's frame once and reuse it for both layers: either way one mask per step, model-wide names."""
     torch.manual_seed(0)
     model = model_cls(depth=2, graph_break=True)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=1)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=1, inner="eager")
     compiled = torch.compile(model, backend=dbp)
     x = torch.randn(3, 16, requires_grad=True)
     for step in range(6):
@@ -268,7 +268,7 @@ def test_all_gates_closed_keeps_one_open_when_nothing_else_trains():
     model = Net(depth=2)
     for name, p in model.named_parameters():  # LoRA-style: only the branches' last layer trains
         p.requires_grad_(name.endswith("mlp.2.weight"))
-    dbp = dropbp_fx.DropBP(drop_rate=0.9, policy="bernoulli")
+    dbp = dropbp_fx.DropBP(drop_rate=0.9, policy="bernoulli", inner="eager")
     compiled = torch.compile(model, backend=dbp)
     x = torch.randn(3, 16)
     for _ in range(100):
@@ -279,7 +279,7 @@ def test_all_gates_closed_keeps_one_open_when_nothing_else_trains():
 
     full = nn.Sequential(Net(depth=2), nn.Linear(16, 4))  # full fine-tuning: the head trains on every step,
     x = torch.randn(3, 16)  # so a step may close every gate
-    dbp_full = dropbp_fx.DropBP(drop_rate=0.9, policy="bernoulli")
+    dbp_full = dropbp_fx.DropBP(drop_rate=0.9, policy="bernoulli", inner="eager")
     compiled_full = torch.compile(full, backend=dbp_full)
     all_closed = 0
     for _ in range(50):
@@ -309,7 +309,7 @@ def test_bad_options_raise_value_error_naming_valid_choices(options, message):
 
 def test_graph_without_residual_branch_runs_unchanged_with_one_log_line(caplog):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    dbp = dropbp_fx.DropBP()
+    dbp = dropbp_fx.DropBP(inner="eager")
     with caplog.at_level(logging.INFO, logger="dropbp_fx"):
         out = torch.compile(model, backend=dbp)(torch.randn(3, 8))
     lines = [r.getMessage() for r in caplog.records if r.name == "dropbp_fx"]
@@ -318,7 +318,7 @@ def test_graph_without_residual_branch_runs_unchanged_with_one_log_line(caplog):
 
 
 def test_summary_names_gates_and_rates(caplog):
-    dbp = dropbp_fx.DropBP(drop_rate=0.25)
+    dbp = dropbp_fx.DropBP(drop_rate=0.25, inner="eager")
     with caplog.at_level(logging.INFO, logger="dropbp_fx"):
         torch.compile(Net(depth=2), backend=dbp)(torch.randn(2, 16))
     assert any("2 residual branches gated (blocks.0.mlp, blocks.1.mlp)" in r.getMessage() for r in caplog.records)
@@ -341,7 +341,7 @@ def test_compiled_function_drops_when_its_trunk_trains():
     (``w0`` here) means the only gate may be closed; it is not kept open every step."""
     x = torch.randn(4, 8)
     w = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli")
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", inner="eager")
     compiled = torch.compile(_residual_fn, backend=dbp)
     for _ in range(50):
         compiled(x, *w).sum().backward()
@@ -353,8 +353,8 @@ def test_compiled_function_drops_when_its_trunk_trains():
 def test_each_torch_compile_call_gets_its_own_state():
     x = torch.randn(4, 8)
     w = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
-    first = torch.compile(_residual_fn, backend="dropbp", options={"drop_rate": 0.5})
-    second = torch.compile(_residual_fn_copy, backend="dropbp", options={"drop_rate": 0.5})
+    first = torch.compile(_residual_fn, backend="dropbp", options={"drop_rate": 0.5, "inner": "eager"})
+    second = torch.compile(_residual_fn_copy, backend="dropbp", options={"drop_rate": 0.5, "inner": "eager"})
     for _ in range(3):
         first(x, *w).sum().backward()
     second(x, *w).sum().backward()

@@ -84,7 +84,7 @@ def test_compile_backend_matches_hook_oracle(arch):
     torch.manual_seed(0)
     model = factory().train()
     oracle_model = copy.deepcopy(model)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=3)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=3, inner="eager")
     compiled = torch.compile(model, backend=dbp)
 
     mixed_steps = 0
@@ -124,7 +124,7 @@ def test_export_graph_matches_hook_oracle(arch):
         skips = [b.skip.target for b in find_residual_branches(gm).branches]
         assert skips == [torch.ops.aten.to.dtype] * len(expected)
 
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=5)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=5, inner="eager")
     gm = dbp.transform(gm)
     gm.graph.lint()
     assert dbp.gate_names == expected
