@@ -157,11 +157,17 @@ def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dic
                 dropped = grad_norms(slot)
                 result[name] = sum((a - b) ** 2 for a, b in zip(reference, dropped))
             return result, len(names) + 1
-    return _fast_estimate(controller, params, reference), 1
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    tied = {name for name, p in params if seen[id(p)] > 1}
+    return _fast_estimate(controller, params, reference, tied), 1
 
 
-def _fast_estimate(controller, params, reference) -> dict[str, float]:
-    squared = {name: norm ** 2 for (name, _), norm in zip(params, reference)}
+def _fast_estimate(controller, params, reference, tied: set[str]) -> dict[str, float]:
+    """``tied`` parameters (input embeddings shared with the output head) are left out of the upstream sums:
+    most of their gradient comes from the head, which dropping a branch does not change."""
+    squared = {name: norm ** 2 for (name, _), norm in zip(params, reference) if name not in tied}
     order = {name: i for i, (name, _) in enumerate(params)}
     result = {}
     for slot, gate in enumerate(controller.gates):

@@ -147,3 +147,24 @@ def test_calibration_errors_name_the_problem():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter requires grad"):
         dropbp_fx.calibrate(compiled, batch)
+
+
+def test_fast_sensitivity_with_tied_embeddings_after_training():
+    """Regression (found by benchmarks/calibration.py): GPT-2 ties its input embeddings to the output head;
+    the head's large gradient on that weight must not count as 'upstream' of every branch."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=258, n_embd=64, n_layer=6, n_head=4, bos_token_id=0, eos_token_id=0)).train()
+    assert model.transformer.wte.weight is model.lm_head.weight
+    compiled = torch.compile(model, backend=dropbp_fx.DropBP(drop_rate=0.0, inner="eager"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(11):
+        ids = torch.randint(0, 258, (4, 32), generator=g)
+        batch = {"input_ids": ids, "labels": ids}
+        compiled(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    fast, _ = dropbp_fx.sensitivities(compiled, batch, method="fast")
+    exact, _ = dropbp_fx.sensitivities(compiled, batch, method="exact")
+    assert _spearman([fast[n] for n in exact], [exact[n] for n in exact]) >= 0.8
