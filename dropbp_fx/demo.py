@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--inner", default="inductor", choices=["eager", "aot_eager", "inductor"],
+                   help="dropbp's inner compiler")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or not 0 < args.drop_rate < 1:
         p.error("need --steps >= 1, --warmup >= 0 and 0 < --drop-rate < 1")
@@ -102,7 +104,8 @@ def main(argv=None) -> dict:
 
     runs = {"eager baseline": Run(copy.deepcopy(model), args.lr)}
     for rate in (0.0, args.drop_rate):
-        compiled = torch.compile(copy.deepcopy(model), backend="dropbp", options={"drop_rate": rate, "seed": args.seed})
+        options = {"drop_rate": rate, "seed": args.seed, "inner": args.inner}
+        compiled = torch.compile(copy.deepcopy(model), backend="dropbp", options=options)
         runs[f"dropbp p={rate:g}"] = Run(compiled, args.lr)
 
     names = list(runs)

@@ -11,7 +11,7 @@ from dropbp_fx import demo  # noqa: E402
 
 def test_demo_runs_and_drops():
     result = demo.main(["--steps", "4", "--warmup", "1", "--layers", "2", "--hidden", "64", "--seq", "16",
-                        "--batch", "2", "--vocab", "64", "--drop-rate", "0.5"])
+                        "--batch", "2", "--vocab", "64", "--drop-rate", "0.5", "--inner", "eager"])
     runs = result["runs"]
     assert set(runs) == {"eager baseline", "dropbp p=0", "dropbp p=0.5"}
     for r in runs.values():
