@@ -162,8 +162,14 @@ def full_report(results: dict) -> str:
             if meta.get("git", {}).get("commit") else "") + ".  ",
          f"Model: {meta['sizes_description']}; AdamW; {meta['rounds']} measured rounds after {meta['warmup']} "
          f"warm-up rounds, candidate order shuffled each round; total run time {meta.get('run_s', 0) / 60:.1f} min.",
-         f"Inductor cache: `{meta.get('inductor_cache_dir')}` ({'warm' if meta.get('inductor_cache_warm') else 'cold'} "
-         "at the start: compile times below depend on it).", ""]
+         f"Inductor cache: `{meta.get('inductor_cache_dir')}` ({'warm' if meta.get('inductor_cache_warm') else 'empty'} "
+         "at the start: compile times below depend on it; `--cold-compile` starts from an empty one)."]
+    loads = [x for x in meta.get("load") or [] if x is not None]
+    if loads:
+        L[-1] += "  "
+        L.append(f"Load average (1 min) at the start and after each stage: {', '.join(f'{x:.1f}' for x in loads)} "
+                 f"(2 cores: above 2, other work was competing for them).")
+    L.append("")
     if results.get("errors"):
         L += ["## Errors", ""] + [f"- {k}: `{v.splitlines()[-1] if v else ''}`" for k, v in results["errors"].items()] + [""]
 
@@ -276,6 +282,18 @@ def full_report(results: dict) -> str:
                          f"{r['bytes'] / MIB:.1f} | {nxt} | {r['probes']} |")
             L.append("")
 
+    L += ["## Notes", "",
+          "- The top-up rule drops at least floor(p n) of the n = 16 branches and tops up after the coin flips, so "
+          "the realised drop fraction is above p (the *realised drop fraction* rows): efficiencies against the "
+          "nominal p can exceed 1; the *realised* columns divide by the fraction actually dropped.",
+          "- Compiled candidates (`dropbp-*`, `inductor`) run transformers' traced code path. With torch < 2.14, "
+          "transformers does not use SDPA's `is_causal` shortcut while Dynamo traces and builds an explicit float "
+          "causal mask, which SDPA saves for backward (batch x seq^2 x 4 bytes per layer; checked on torch 2.13, "
+          "transformers 5.24). That is the extra ~2% that `dropbp-eager` saves over plain eager and hand-detach at "
+          "seq 256, and why `dropbp p=0` fits a shorter sequence than plain eager: it grows with seq^2.",
+          "- `dropbp-aot_eager` is left out of the memory benchmark to keep the run short.",
+          "- First-step (compile) times are single measurements on a shared machine.",
+          ""]
     L += ["## Checks", ""]
     for mode, res in results.get("step_time", {}).items():
         checks = ", ".join(f"{n} {c['mismatches']}/{c['checked']}" for n, c in res.get("mask_checks", {}).items())
@@ -303,7 +321,9 @@ def readme_section(results: dict) -> str:
          + (f", commit {meta['git']['commit']}" if meta.get("git", {}).get("commit") else "") + "). Full report, memory, "
          "efficiencies and compile times: [benchmarks/results/results.md](benchmarks/results/results.md).", ""]
     L += main_table(results, spreads=False)
-    L += targets_table(results.get("targets", []), detail=False)
+    L += ["| target | met |", "| --- | --- |"] + [
+        f"| {row['target']} | {_met(row)}{': ' + row['values'][0] if len(row['values']) == 1 else ''} |"
+        for row in results.get("targets", [])]
     L += ["", README_END]
     return "\n".join(L)
 

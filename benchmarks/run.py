@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 
@@ -48,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-probes", type=int, default=8, help="probes per sequence search")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", metavar="JSON", help="rewrite the markdown (and README) from a results JSON")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="compile into a fresh, empty inductor cache (compile times without the on-disk caches)")
     p.add_argument("--out", help="output folder (default benchmarks/results)")
     p.add_argument("--readme", dest="readme", action="store_true", default=None,
                    help="update README.md (default: full runs only)")
@@ -76,6 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.readme = not args.quick
     args.out = args.out or os.path.join(ROOT, "benchmarks", "results")
     return args
+
+
+def _load() -> float | None:
+    """The 1-minute load average (how busy the machine was: other work slows every candidate)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _git_state() -> dict:
@@ -118,6 +130,8 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     stem = "quick" if args.quick else "results"
     json_path, md_path = os.path.join(args.out, f"{stem}.json"), os.path.join(args.out, f"{stem}.md")
+    if args.cold_compile:  # read lazily by inductor (and inherited by the memory workers)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dropbp-bench-inductor-")
     cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     command = "python -m benchmarks.run" + ("" if argv is None and len(sys.argv) <= 1 else " " + shlex.join(
         sys.argv[1:] if argv is None else argv))
@@ -131,6 +145,7 @@ def main(argv=None) -> dict:
         "step_time": {}, "memory": {}, "seq_search": {}, "errors": {},
     }
     results["meta"]["git"] = _git_state()
+    results["meta"]["load"] = [_load()]
     start = time.perf_counter()
 
     def save():
@@ -153,6 +168,7 @@ def main(argv=None) -> dict:
             return None
         finally:
             results["meta"].setdefault("stage_s", {})[key] = time.perf_counter() - began
+            results["meta"]["load"].append(_load())
             save()
 
     with logging_redirect_tqdm():
@@ -177,6 +193,8 @@ def main(argv=None) -> dict:
                     mode, args.sizes, args.rates, masks=args.masks, granule=args.granule,
                     max_probes=args.max_probes, seed=args.seed, device=device), "seq_search", mode)
     save()
+    if args.cold_compile:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     log.info("wrote %s and %s (%.1f min)", json_path, md_path, results["meta"]["run_s"] / 60)
     if args.readme:
         report.update_readme(os.path.join(ROOT, "README.md"), report.readme_section(results))
