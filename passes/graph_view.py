@@ -322,13 +322,15 @@ _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 
 
 def clean_module_path(path: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` (or ``L['args'][0].model...``) -> ``model.layers.0.mlp``."""
+    """``L['self'].model.layers[0]._modules['mlp']`` (or ``L['args'][0].model...``, or PEFT's
+    ``L['self'].__dict__['_modules']['base_model']...``) -> ``model.layers.0.mlp``."""
     while True:
         new = _GETATTR.sub(r"\1.\2", path)
         if new == path:
             break
         path = new
     path = _LOCAL_ROOT.sub("", path)
+    path = re.sub(r"\.?__dict__\[['\"]_modules['\"]\]", "", path)  # PEFT: ``__dict__['_modules']['base_model']``
     path = path.replace("._modules", "").replace("_modules", "")
     path = _INDEX.sub(r".\1", path)
     path = re.sub(r"\.+", ".", path).strip(".")

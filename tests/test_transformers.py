@@ -149,3 +149,13 @@ def test_export_graph_matches_hook_oracle(arch):
         ref = {n: g for n, g in grads(oracle_model).items() if n in got}
         assert len(ref) == len(got)
         assert_same_grads(got, ref)
+
+
+def test_peft_model_gates_keep_module_path_names():
+    """Regression: Dynamo reaches PEFT's wrapped model through ``__dict__['_modules']``; names stay clean."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager")
+    batch = _batch(0)
+    torch.compile(model, backend=dbp)(**batch).loss.backward()
+    assert dbp.gate_names == _names("base_model.model.model.layers.{}", [".self_attn", ".mlp"])
