@@ -42,7 +42,8 @@ def uniform(seed: int, step: int, name: str) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
-def draw_mask(rates: list[float], uniforms: list[float], policy: str, keep_one_open: bool) -> list[bool]:
+def draw_mask(rates: list[float], uniforms: list[float], policy: str, keep_one_open: bool,
+              among: list[int] | None = None) -> list[bool]:
     """One step's mask from per-gate rates and uniforms.
 
     ``bernoulli``: gate i is dropped when ``u_i < rate_i``.
@@ -51,6 +52,7 @@ def draw_mask(rates: list[float], uniforms: list[float], policy: str, keep_one_o
     (ties: smallest ``u`` first), until that count is reached.
     ``keep_one_open``: if every gate ended up dropped, reopen the one with the
     lowest rate (ties: largest ``u``), so that backward always has a path.
+    ``among``: the gates that count for that (those holding trainable parameters); all by default.
     """
     n = len(rates)
     mask = [u < r for u, r in zip(uniforms, rates)]
@@ -61,8 +63,9 @@ def draw_mask(rates: list[float], uniforms: list[float], policy: str, keep_one_o
             order = sorted((i for i in range(n) if not mask[i]), key=lambda i: (-rates[i], uniforms[i]))
             for i in order[:missing]:
                 mask[i] = True
-    if keep_one_open and n and all(mask):
-        mask[min(range(n), key=lambda i: (rates[i], -uniforms[i]))] = False
+    among = list(range(n)) if not among else among
+    if keep_one_open and n and all(mask[i] for i in among):
+        mask[min(among, key=lambda i: (rates[i], -uniforms[i]))] = False
     return mask
 
 
@@ -156,6 +159,17 @@ class DropController:
             self._trunk = (len(owned), trains)
         return self._trunk[1]
 
+    def trainable_gates(self) -> list[int]:
+        """Slots of the gates whose branch holds a parameter that requires grad (all, without a model)."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return list(range(len(self.gates)))
+        key = (len(self.gate_params), len(self.gates))
+        if getattr(self, "_trainable", (None,))[0] != key:
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            self._trainable = (key, [i for i, g in enumerate(self.gates) if g.params & trainable])
+        return self._trainable[1]
+
     def keeps_one_open(self) -> bool:
         if self.keep_one_open == "auto":
             return not self.trunk_trains()
@@ -165,7 +179,8 @@ class DropController:
         """The mask of ``step`` (a pure function of seed, step, names and rates)."""
         rates = [g.rate for g in self.gates]
         uniforms = [uniform(self.seed, step, g.name) for g in self.gates]
-        return draw_mask(rates, uniforms, self.policy, self.keeps_one_open())
+        # LoRA on some projections only: a step must keep open one gate that trains, not just any gate
+        return draw_mask(rates, uniforms, self.policy, self.keeps_one_open(), self.trainable_gates())
 
     def is_dropped(self, slot: int) -> bool:
         """Called by a gate on every training-mode call: is the gate closed this step?"""
