@@ -85,6 +85,7 @@ class DropController:
         self._used: set[int] = set()
         self.gate_params: set[str] = set()  # names (in the watched model) of parameters the gates consume
         self._trunk: tuple[int, bool] | None = None  # (len(gate_params), does a parameter outside them train?)
+        self._trainable: tuple[tuple[int, int], list[int]] | None = None  # (cache key, trainable gate slots)
         self.trunk_inputs_train = False  # set for graphs of compiled functions: a grad input feeds the trunk
         self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
         self._model = None  # weakref to the compiled model: its eval mode turns dropping off
@@ -165,7 +166,7 @@ class DropController:
         if model is None:
             return list(range(len(self.gates)))
         key = (len(self.gate_params), len(self.gates))
-        if getattr(self, "_trainable", (None,))[0] != key:
+        if self._trainable is None or self._trainable[0] != key:
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             self._trainable = (key, [i for i, g in enumerate(self.gates) if g.params & trainable])
         return self._trainable[1]
