@@ -1,0 +1,173 @@
+"""DropBP for Hugging Face ``Trainer``: one added line.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[DropBPCallback(drop_rate=0.75, calibrate="fast")])
+
+What the callback does:
+
+* ``on_train_begin``: compiles the model *in place* (``model.compile(backend=DropBP(...))``, so
+  ``save_pretrained`` and the state dict keep their names) with the ``dropbp`` backend.
+  ``TrainingArguments(torch_compile_backend="dropbp")`` cannot do this: accelerate only accepts the
+  backend names of its ``DynamoBackend`` enum and raises ``ValueError: 'DROPBP' is not a valid
+  DynamoBackend``.
+* at ``calibrate_at`` of training (10% by default, as in the paper), it measures the branches'
+  sensitivities on that step's batch (:func:`dropbp_fx.calibrate`) and sets per-branch rates whose
+  backward FLOPs budget meets ``drop_rate``; until then every branch uses ``drop_rate``;
+* every Trainer log line gets ``dropbp_drop_fraction`` (gate calls dropped since the last log) and
+  ``dropbp_bwd_flops_saved`` (the share of the branches' backward FLOPs those drops saved);
+* its state (step, rates, seed) is saved in ``trainer_state.json`` with every checkpoint and restored
+  by ``trainer.train(resume_from_checkpoint=...)``.
+
+Gradient accumulation works: every micro-batch forward draws its own mask. With
+``gradient_checkpointing=True`` the gates go inside the checkpointed layers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from dropbp_fx.backend import DropBP
+from dropbp_fx.calibrate import METHODS, calibrate
+from dropbp_fx.controller import check_rate
+
+log = logging.getLogger("dropbp_fx")
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+except ImportError as error:  # pragma: no cover
+    raise ImportError("dropbp_fx.integrations needs transformers: pip install transformers") from error
+
+
+class DropBPCallback(TrainerCallback, ExportableState):
+    """Train with DropBP under ``transformers.Trainer``.
+
+    Args:
+        drop_rate: target average drop rate (the FLOPs-weighted target after calibration).
+        calibrate: ``"fast"`` (one backward pass), ``"exact"`` (N+1) or ``None`` (uniform ``drop_rate``).
+        calibrate_at: the fraction of ``max_steps`` after which the rates are calibrated.
+        seed, policy, keep_one_open, inner: the :class:`~dropbp_fx.DropBP` options.
+    """
+
+    def __init__(self, drop_rate: float = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
+                 seed: int = 0, policy: str = "topup", keep_one_open: bool | str = "auto",
+                 inner: str = "inductor") -> None:
+        check_rate("DropBPCallback drop_rate", drop_rate)
+        if calibrate is not None and calibrate not in METHODS:
+            raise ValueError(f"DropBPCallback calibrate must be one of {METHODS} or None, got {calibrate!r}")
+        if not 0.0 <= calibrate_at < 1.0:
+            raise ValueError(f"DropBPCallback calibrate_at is a fraction of training in [0, 1), got {calibrate_at!r}")
+        self.options = dict(drop_rate=drop_rate, calibrate=calibrate, calibrate_at=calibrate_at, seed=seed,
+                            policy=policy, keep_one_open=keep_one_open, inner=inner)
+        self.dropbp = DropBP(drop_rate, seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner)
+        self.calibrated = False
+        self.calibration = None  # the dropbp_fx.Calibration table, once calibrated
+        self._resume_state: dict | None = None
+        self._batch: dict | None = None
+        self._hook = None
+        self._model: nn.Module | None = None
+        self._last_counts: dict[str, tuple[int, int]] = {}
+
+    # -------------------------------------------------------------- Trainer events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "torch_compile", False):
+            raise ValueError("DropBPCallback compiles the model itself with the dropbp backend; remove "
+                             "torch_compile=True (and torch_compile_backend) from TrainingArguments")
+        if model is None:
+            raise ValueError("DropBPCallback: the Trainer passed no model to the callback")
+        if self._model is not model:
+            if getattr(model, "_compiled_call_impl", None) is not None:
+                raise ValueError("DropBPCallback: the model is already compiled (model.compile(...)); pass the "
+                                 "uncompiled model to Trainer and let the callback compile it")
+            model.compile(backend=self.dropbp)
+            self._model = model
+        self._restore(state)
+        self._calibration_step = int(self.options["calibrate_at"] * state.max_steps)
+        log.info("dropbp: Trainer model compiled with the dropbp backend (drop_rate %s, calibrate %s at step %d)",
+                 self.options["drop_rate"], self.options["calibrate"], self._calibration_step)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self._wants_calibration(state) and self._hook is None:
+            self._hook = self._model.register_forward_pre_hook(self._keep_batch, with_kwargs=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._hook is None or self._batch is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        batch, self._batch = self._batch, None
+        self.calibration = calibrate(self._model, lambda: _loss_of(self._model(**batch)),
+                                     target=self.options["drop_rate"], method=self.options["calibrate"])
+        self.calibrated = True
+        log.info("dropbp: calibrated at step %d (method %s):\n%s", state.global_step, self.options["calibrate"],
+                 self.calibration)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:  # training log lines only, not eval/summary lines
+            return
+        fields = self.window_stats()
+        logs.update(fields)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(fields)
+
+    # -------------------------------------------------------------- figures
+    def window_stats(self) -> dict[str, float]:
+        """Drop fraction and share of branch backward FLOPs saved since the previous call."""
+        counts = {g.name: (g.drops, g.calls, g.flops[1] if g.flops else 0) for g in self.dropbp.controller.gates}
+        dropped = calls = flops_saved = flops_run = 0
+        for name, (drops, n, bwd) in counts.items():
+            d0, n0 = self._last_counts.get(name, (0, 0))
+            dropped, calls = dropped + drops - d0, calls + n - n0
+            flops_saved += (drops - d0) * bwd
+            flops_run += (n - n0) * bwd
+        self._last_counts = {name: (d, n) for name, (d, n, _) in counts.items()}
+        return {"dropbp_drop_fraction": round(dropped / calls, 4) if calls else 0.0,
+                "dropbp_bwd_flops_saved": round(flops_saved / flops_run, 4) if flops_run else 0.0}
+
+    # -------------------------------------------------------------- checkpoints (trainer_state.json)
+    def state(self) -> dict:
+        return {"args": self.options,
+                "attributes": {"_resume_state": self.dropbp.state_dict(), "calibrated": self.calibrated}}
+
+    def _restore(self, state) -> None:
+        """On ``train(resume_from_checkpoint=...)``: the drop state saved with the checkpoint.
+
+        Trainer restores callbacks itself only with ``restore_callback_states_from_checkpoint=True``;
+        otherwise the state is read from the checkpoint's ``trainer_state.json``, which Trainer loaded.
+        """
+        if self._resume_state is None and state.global_step > 0:
+            stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+            if isinstance(stored, list):
+                stored = stored[0] if len(stored) == 1 else None
+            if stored:
+                self._resume_state = stored["attributes"]["_resume_state"]
+                self.calibrated = stored["attributes"]["calibrated"]
+        if self._resume_state is not None:
+            self.dropbp.load_state_dict(self._resume_state)
+            self._resume_state = None
+            log.info("dropbp: drop state restored from the checkpoint (step %d)", self.dropbp.step)
+
+    # -------------------------------------------------------------- helpers
+    def _wants_calibration(self, state) -> bool:
+        return (self.options["calibrate"] is not None and not self.calibrated
+                and state.global_step >= self._calibration_step)
+
+    def _keep_batch(self, module, args, kwargs):
+        if module.training and torch.is_grad_enabled():
+            if args:
+                raise ValueError("DropBPCallback calibration expects Trainer's keyword-argument batches "
+                                 "(model(**inputs))")
+            self._batch = dict(kwargs)
+
+
+def _loss_of(outputs) -> torch.Tensor:
+    """The loss of a transformers model output, as ``Trainer.compute_loss`` reads it."""
+    if isinstance(outputs, dict):
+        if "loss" not in outputs or outputs["loss"] is None:
+            raise ValueError("DropBPCallback calibration: the model returned no loss for the training batch; "
+                             "the batch needs labels (as Trainer's own loss does)")
+        return outputs["loss"]
+    return outputs[0]
