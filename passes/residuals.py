@@ -165,6 +165,12 @@ def _split_parallel(out: fx.Node, consumer: fx.Node, stream: fx.Node, dfg, root)
 
     Returns ``(term, the add that consumes it)`` pairs.
     """
+    if gv.is_dropout(out) and isinstance(out.args[0], fx.Node) and gv.is_add(out.args[0]):
+        # Falcon: ``x + dropout(mlp(ln(x)) + attn(ln(x)))``. Dropout scales each term alike, so detaching one
+        # term before the sum is the same as detaching it after: split the sum, leave the dropout in the trunk.
+        data_users = [u for u in out.users if u not in dfg.graph["metadata"]]
+        terms = _split_parallel(out.args[0], out, stream, dfg, root) if len(data_users) == 1 else []
+        return terms if len(terms) > 1 else [(out, consumer)]
     if not gv.is_add(out):
         return [(out, consumer)]
     a, b = gv.add_operands(out)
@@ -241,11 +247,11 @@ def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:
     paths = [gv.module_path(n) for n in compute]
     name = gv.common_module_path(paths)
     add_path = gv.module_path(add)
-    if name and (add_path == name or add_path.startswith(name + ".")):
-        depth = len(name.split("."))
+    if not name or add_path == name or add_path.startswith(name + "."):  # a root-level branch: ``{b,c}``
+        depth = len(name.split(".")) if name else 0
         parts = list(dict.fromkeys(p.split(".")[depth] for p in paths if len(p.split(".")) > depth))
         if len(parts) > 1:
-            name = f"{name}.{{{','.join(parts)}}}"
+            name = f"{name}.{{{','.join(parts)}}}" if name else f"{{{','.join(parts)}}}"
     return name
 
 

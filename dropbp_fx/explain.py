@@ -1,0 +1,136 @@
+"""``dropbp_fx.explain(model, *inputs)``: what the backend would rewrite, without training.
+
+    >>> report = dropbp_fx.explain(model, **batch)
+    >>> print(report)            # gates (name, backward FLOPs share, rate), skipped adds and why, graph breaks
+    >>> report.gates[0].name     # or use it as data
+
+One training-mode forward runs through ``torch.compile(model, backend=DropBP(...))`` with grad on
+(that is what Dynamo needs to capture the graphs a training step would), and no backward. Nothing
+of the model changes: parameters are not touched, buffers (BatchNorm statistics) and the RNG
+state are put back, and the model's mode is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dropbp_fx.backend import DropBP, validate_options
+
+
+@dataclass
+class GateRow:
+    name: str
+    flops_share: float  # share of all gates' backward FLOPs
+    rate: float
+    params: int  # parameters the branch consumes
+
+
+@dataclass
+class SkippedAdd:
+    graph: int
+    node: str
+    module: str
+    reason: str
+
+
+@dataclass
+class Explanation:
+    """What ``torch.compile(model, backend="dropbp")`` does with this model; prints as tables."""
+
+    gates: list[GateRow] = field(default_factory=list)
+    outer: list[str] = field(default_factory=list)  # nested branches left ungated (their inner ones are gated)
+    skipped: list[SkippedAdd] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
+    graphs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = []
+        if self.gates:
+            width = max(len(g.name) for g in self.gates)
+            lines.append(f"{'gate':<{width}}  bwd FLOPs share  rate   params")
+            lines += [f"{g.name:<{width}}  {g.flops_share:15.1%}  {g.rate:.3f}  {g.params:,}" for g in self.gates]
+        else:
+            lines.append("no residual branch found: the model would run unchanged")
+        lines.append(f"{len(self.gates)} gates in {self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)")
+        if self.outer:
+            lines.append("outer nested branches left ungated: " + ", ".join(self.outer))
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} adds looked at and not gated (by reason; .skipped has each one):")
+            by_reason: dict[str, list[str]] = {}
+            for s in self.skipped:
+                by_reason.setdefault(s.reason, []).append(f"{s.module or '-'} ({s.node})")
+            for reason, where in by_reason.items():
+                shown = ", ".join(where[:3]) + (f", ... {len(where) - 3} more" if len(where) > 3 else "")
+                lines.append(f"  {len(where)} x {reason}: {shown}")
+        if self.graph_breaks:
+            lines.append("graph breaks:")
+            lines += [f"  {_first_lines(reason)}" for reason in self.graph_breaks]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, *example_inputs, options: dict | None = None, **example_kwargs) -> Explanation:
+    """The gates ``backend="dropbp"`` would build for ``model`` on these inputs, the adds it skipped, graph breaks.
+
+    ``options`` are the backend's options (``drop_rate``, ...); the inner compiler is not run.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"explain takes the (uncompiled) model, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)
+    config = validate_options(options)
+    config["inner"] = "eager"  # the analysis does not depend on the inner compiler
+    dbp = DropBP(**config)
+    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    with _no_trace(model):
+        torch.compile(model, backend=dbp)(*example_inputs, **example_kwargs)
+    breaks = [f"{reason} (x{count - breaks_before.get(reason, 0)})" if count - breaks_before.get(reason, 0) > 1
+              else reason for reason, count in torch._dynamo.utils.counters["graph_break"].items()
+              if count > breaks_before.get(reason, 0)]
+
+    gates = dbp.controller.gates
+    total = sum(g.flops[1] for g in gates if g.flops) or 1
+    report = Explanation(graphs=len(dbp.graphs), graph_breaks=breaks)
+    report.gates = [GateRow(g.name, (g.flops[1] if g.flops else 0) / total, g.rate, _param_count(model, g.params))
+                    for g in gates]
+    for record in dbp.graphs:
+        report.outer += record.outer
+        report.skipped += [SkippedAdd(record.index, node, module, reason) for node, module, reason in record.skipped]
+        if record.note and not record.gates:
+            report.notes.append(f"graph {record.index}: {record.note}")
+    return report
+
+
+def _first_lines(reason: str, n: int = 2) -> str:
+    return " / ".join([line.strip() for line in reason.splitlines() if line.strip()][:n])
+
+
+def _param_count(model: nn.Module, names) -> int:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return sum(params[n].numel() for n in names if n in params)
+
+
+@contextlib.contextmanager
+def _no_trace(model: nn.Module):
+    """Training mode with grad on for the forward; mode, buffers and RNG state put back afterwards."""
+    training = {m: m.training for m in model.modules()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state(), random.getstate()
+    try:
+        model.train()
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
