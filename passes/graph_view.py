@@ -55,6 +55,16 @@ def add_operands(node: fx.Node) -> tuple[object, object]:
     return args[0], args[1]
 
 
+_DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout}
+
+
+def is_dropout(node: fx.Node) -> bool:
+    """``F.dropout(x, p, training)`` / ``aten.dropout``: a per-element scaling of ``x`` (its first argument)."""
+    if node.op == "call_function":
+        return node.target in _DROPOUT_FUNCTIONS or _packet(node.target) is aten.dropout
+    return node.op == "call_method" and node.target == "dropout"
+
+
 # ---------------------------------------------------------------------------
 # parametric compute: matmul, linear, conv, attention
 # ---------------------------------------------------------------------------
@@ -71,15 +81,20 @@ _COMPUTE_ATEN = {
     aten.conv_transpose2d, aten.conv_transpose3d, aten.scaled_dot_product_attention,
     aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
     aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_cudnn_attention,
-    aten.bilinear, aten._trilinear,
+    aten.bilinear, aten._trilinear, aten._grouped_mm,
 }
+# Grouped (mixture-of-experts) matmuls: transformers' MoE experts run ``F.grouped_mm`` / ``torch._grouped_mm``,
+# or, where those cannot run (CPU, fp32), its own custom op ``torch.ops.transformers.grouped_mm_fallback``.
+_COMPUTE_FUNCTIONS |= {f for f in (getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None))
+                       if f is not None}
 _COMPUTE_METHODS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm"}
 
 
 def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
     """A parametric-compute node: matmul/linear/conv/attention, or a module holding a >=2-D weight."""
     if node.op == "call_function":
-        return node.target in _COMPUTE_FUNCTIONS or _packet(node.target) in _COMPUTE_ATEN
+        return (node.target in _COMPUTE_FUNCTIONS or _packet(node.target) in _COMPUTE_ATEN
+                or _is_custom_op_on_weight(node))
     if node.op == "call_method":
         return node.target in _COMPUTE_METHODS
     if node.op == "call_module" and root is not None:
@@ -87,6 +102,27 @@ def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
         if mod is None or isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             return False
         return any(p.dim() >= 2 for p in mod.parameters(recurse=True))
+    return False
+
+
+def _is_custom_op_on_weight(node: fx.Node) -> bool:
+    """A custom operator (``torch.ops.<namespace>.*`` outside aten/prims) that reads a >=2-D parameter,
+    directly or through a view/transpose: a library's own matmul kernel (transformers' MoE
+    ``grouped_mm_fallback``). Without this, an MoE block reads as parameter-free and goes ungated."""
+    packet = _packet(node.target) if isinstance(node.target, torch._ops.OpOverload) else node.target
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    if packet._qualified_op_name.split("::")[0] in ("aten", "prims", "_c10d_functional", "higher_order"):
+        return False
+    for arg in node.all_input_nodes:
+        for _ in range(4):  # W, W.T, W.transpose(-2, -1).contiguous(), ...
+            if is_constant(arg) or arg.op not in ("call_method", "call_function") or len(arg.all_input_nodes) != 1:
+                break
+            arg = arg.all_input_nodes[0]
+        if is_constant(arg):
+            value = _meta_value(arg)
+            if not isinstance(value, torch.Tensor) or value.dim() >= 2:
+                return True
     return False
 
 
@@ -117,7 +153,9 @@ def mutates_first_arg(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__") or node.target.startswith("__i")
     if node.op == "call_function":
-        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
+        # ``x[idx] = v`` (``operator.setitem``) writes into ``x`` too: transformers' MoE experts build the
+        # inverse permutation that way; unseen, the write is left outside the branch that reads ``x``.
+        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem):
             return True
         schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.arguments:
