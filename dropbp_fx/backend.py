@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ class DropBP:
         self._root = None
         self.compile_cache = CompileCache(inner) if inner != "eager" else None
         self._flops_cache: dict[tuple, tuple[int, int]] = {}
+        self._warned_no_branch = False
+        self._ddp_problem: str | None = None  # why the DDP wrapper cannot take a rate > 0 (see _check_distributed)
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -111,11 +114,13 @@ class DropBP:
             function = _compiled_function()
             if function is not None:
                 _REGISTRY[function] = self
+        _refuse_published_dropbp(root if root is not None else gm)
         index = len(self.graphs)
         if not torch.is_grad_enabled():
             return self._unchanged(gm, example_inputs, index, "traced with grad disabled: no gates")
         if root is not None and not root.training:
             return self._unchanged(gm, example_inputs, index, "model in eval mode: no gates")
+        self._check_distributed()
         if not self._rewrite(gm, example_inputs, prefix):
             return self._whole(gm, example_inputs)
         if self.compile_cache is not None:
@@ -129,6 +134,7 @@ class DropBP:
         The module is rewritten in place and returned; its gates report to this object.
         ``name_prefix`` is prepended to gate names (the module path of a traced sub-frame).
         """
+        _refuse_published_dropbp(gm)
         if self._rewrite(gm, example_inputs, name_prefix) and self.compile_cache is not None:
             self._compile_pieces(gm)
         return gm
@@ -160,7 +166,9 @@ class DropBP:
                 record.note = "no residual branch: unchanged"
                 log.info("dropbp: graph %d has no residual branch (%d adds looked at); running it unchanged",
                          index, len(analysis.skipped))
+                self._warn_no_branch(index, len(analysis.skipped))
             return gated
+        _warn_stream_mutations(analysis.branches)
         for branch in analysis.branches:
             self._weights[branch.name] = branch.weight
             self.side_outputs[branch.name] = len(branch.side_outputs)
@@ -176,11 +184,41 @@ class DropBP:
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         _record_gate_params(gm, example_inputs, names, self.controller)
         if name_prefix:
-            _anchor_gates(gm, example_inputs, names, name_prefix)
+            _anchor_gates(gm, example_inputs, names, name_prefix, model)
         log.info("dropbp: graph %d: %d residual branches gated (%s)%s", index, len(analysis.branches),
                  ", ".join(record.gates),
                  f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
         return gated + len(analysis.branches)
+
+    def _check_distributed(self) -> None:
+        """Refuse, with the fix, what DDP cannot train with per-step masks (before torch fails obscurely).
+
+        Graph fragments cut by Dynamo's DDPOptimizer, ``DistributedDataParallel(static_graph=True)``, and
+        ``find_unused_parameters=False`` while a rate is above 0. The last two are remembered, so that
+        :meth:`set_rates` (and calibration) refuses rates above 0 later.
+        """
+        if _inside_ddp_optimizer():
+            raise RuntimeError(DDP_OPTIMIZER_MESSAGE)
+        ddp = _active_ddp_module()
+        if ddp is None:
+            return
+        self._ddp_problem = _ddp_problem(ddp)
+        self._refuse_rates_under_ddp([self.controller.drop_rate] + list(self.rates.values()))  # new gates get drop_rate
+
+    def _refuse_rates_under_ddp(self, rates) -> None:
+        if self._ddp_problem is not None and any(rate > 0 for rate in rates):
+            raise RuntimeError(self._ddp_problem)
+
+    def _warn_no_branch(self, index: int, adds: int) -> None:
+        """Once per backend: a graph without residual branch is almost always a model DropBP cannot help."""
+        if self._warned_no_branch:
+            return
+        self._warned_no_branch = True
+        warnings.warn(
+            f"dropbp: graph {index} has no residual branch ({adds} adds looked at), so nothing in it is ever "
+            "dropped and it trains exactly as without DropBP. DropBP needs residual adds `x + f(x)` whose branch "
+            "f holds a matmul, linear, conv or attention; dropbp_fx.explain(model, *inputs) lists every add and why "
+            "it was not gated.", DropBPWarning, stacklevel=2)
 
     def _count_flops(self, gm: fx.GraphModule) -> None:
         """FLOPs of every gate's branch, from the shapes the graph carries (identical layers counted once)."""
@@ -247,12 +285,17 @@ class DropBP:
         return {g.name: (g.drops, g.calls) for g in self.controller.gates}
 
     def set_rates(self, rates) -> None:
+        if not isinstance(rates, (dict, int, float)):
+            rates = list(rates)
+        self._refuse_rates_under_ddp(rates.values() if isinstance(rates, dict) else
+                                     [rates] if isinstance(rates, (int, float)) else rates)
         self.controller.set_rates(rates)
 
     def state_dict(self) -> dict:
         return self.controller.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        self._refuse_rates_under_ddp([state["drop_rate"], *state["rates"].values()])
         self.controller.load_state_dict(state)
 
     def summary(self) -> str:
@@ -279,12 +322,59 @@ class DropBP:
 
 
 # ---------------------------------------------------------------------- helpers
+class DropBPWarning(UserWarning):
+    """Something about the model that DropBP handles, but that the user most likely did not intend."""
+
+
+def _warn_stream_mutations(branches) -> None:
+    """The residual stream changed in place (``x.mul_(s)``, ``relu_``) where a branch reads it.
+
+    The skip then sees the mutated value too, so the mutation is part of the trunk: it stays outside
+    the gate and always gets gradient. That is what the model computes, but rarely what was meant.
+    """
+    from passes import graph_view as gv
+
+    for branch in branches:
+        if gv.mutates_first_arg(branch.skip) and not gv.is_add(branch.skip):
+            warnings.warn(
+                f"dropbp: the residual stream of branch {branch.name!r} is modified in place "
+                f"({branch.skip.name} = {branch.skip.target}) before the residual add, so the skip sees the "
+                "modified value as well: the in-place op stays outside the gate and is never dropped. If the "
+                "branch meant to change only its own input, use the out-of-place op (x = x.mul(s), not x.mul_(s)).",
+                DropBPWarning, stacklevel=3)
+
+
+# The class of the published DropBP library's layer (github.com/WooSunghyeon/dropbp, ``dropbp.layer.DropBP``):
+# ``forward`` returns ``input`` or ``input.detach()`` after a Python ``random.random()`` draw.
+def _is_published_dropbp_layer(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "DropBP" and (cls.__module__.split(".")[0] == "dropbp"
+                                         or all(hasattr(module, a) for a in ("p", "flops", "count")))
+
+
+def _refuse_published_dropbp(model: nn.Module) -> None:
+    """A model already edited for the published DropBP library would be dropped twice, and wrongly."""
+    found = [name for name, m in model.named_modules() if _is_published_dropbp_layer(m)]
+    if found:
+        shown = ", ".join(found[:4]) + (f", ... ({len(found)} in all)" if len(found) > 4 else "")
+        raise ValueError(
+            f"dropbp: the model already contains layers of the published DropBP library ({shown}). Their Python "
+            "random.random() draw is frozen into the graph when Dynamo traces it (the same branches would be "
+            "dropped, or kept, on every step), and the backend would gate the branches a second time. Use the "
+            "unmodified model: the dropbp backend finds the residual branches itself (set the rates with "
+            "options={'drop_rate': ...} or dropbp_fx.calibrate, instead of DropBPHandler).")
+
+
 _REGISTRY: "weakref.WeakKeyDictionary[object, DropBP]" = weakref.WeakKeyDictionary()  # model or function
 
 
 def get_dropbp(model) -> DropBP:
-    """The :class:`DropBP` state of a model (or function) compiled with ``backend="dropbp"``, after its first call."""
-    target = getattr(model, "_orig_mod", None) or getattr(model, "_torchdynamo_orig_callable", model)
+    """The :class:`DropBP` state of a model (or function) compiled with ``backend="dropbp"``, after its first call.
+
+    ``torch.compile(DistributedDataParallel(model))`` and ``DistributedDataParallel(torch.compile(model))`` work too.
+    """
+    target = _unwrap_ddp(model)
+    target = _unwrap_ddp(getattr(target, "_orig_mod", None) or getattr(target, "_torchdynamo_orig_callable", target))
     try:
         found = _REGISTRY.get(target)
     except TypeError:  # not weak-referenceable: never registered
@@ -307,6 +397,62 @@ def dropbp(gm: fx.GraphModule, example_inputs: list, options: dict | None = None
         if call is not None:
             call._dropbp_state = backend
     return backend(gm, example_inputs)
+
+
+# ---------------------------------------------------------------------- distributed
+DDP_OPTIMIZER_MESSAGE = (
+    "dropbp: Dynamo's DDPOptimizer (torch._dynamo.config.optimize_ddp, on by default) has split this graph at "
+    "DistributedDataParallel bucket boundaries, which cuts residual branches apart: dropbp would leave some of them "
+    "ungated and train with other masks than you asked for. Fix: set torch._dynamo.config.optimize_ddp = False "
+    "before the first forward. dropbp compiles the trunk segments and branches as separate pieces, so DDP still "
+    "overlaps its gradient all-reduce with the backward pass.")
+
+
+def _ddp_class():
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DistributedDataParallel
+
+
+def _unwrap_ddp(module):
+    """The model inside ``DistributedDataParallel`` wrappers (gate names must not depend on the wrapping)."""
+    ddp = _ddp_class()
+    while ddp is not None and isinstance(module, ddp):
+        module = module.module
+    return module
+
+
+def _active_ddp_module():
+    """The ``DistributedDataParallel`` whose forward is running (DDP sets it around its module's forward)."""
+    ddp = _ddp_class()
+    return None if ddp is None else ddp._get_active_ddp_module()
+
+
+def _inside_ddp_optimizer() -> bool:
+    """Is this graph a fragment that Dynamo's DDPOptimizer cut (its ``SubmodCompiler`` is on the call stack)?"""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "SubmodCompiler" and type(owner).__module__.endswith("backends.distributed"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _ddp_problem(ddp) -> str | None:
+    """Why this DDP wrapper cannot train with branches dropped (None: it can)."""
+    if getattr(ddp, "static_graph", False):
+        return ("dropbp: DistributedDataParallel(static_graph=True) assumes the same parameters get gradients every "
+                "step, but DropBP drops different residual branches each step (DDP fails at the second step). Fix: "
+                "DistributedDataParallel(model, find_unused_parameters=True), without static_graph.")
+    if not getattr(ddp, "find_unused_parameters", True):
+        return ("dropbp: DistributedDataParallel(find_unused_parameters=False) expects a gradient for every "
+                "parameter every step, but the parameters of a dropped residual branch get none (DDP would leave "
+                "that step's gradient reduction unfinished and fail at the next one: 'Expected to have finished "
+                "reduction in the prior iteration'). Fix: DistributedDataParallel(model, find_unused_parameters=True), or drop_rate=0.")
+    return None
 
 
 def _compiled_function():
@@ -367,7 +513,7 @@ def _compiled_module(example_inputs) -> tuple[nn.Module | None, str]:
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, OptimizedModule) and isinstance(owner._orig_mod, nn.Module):
-            root = owner._orig_mod
+            root = _unwrap_ddp(owner._orig_mod)  # gate names without DDP's "module." prefix
         frame = frame.f_back
     if root is None or frame_module is None or root is frame_module:
         return root or frame_module, ""
@@ -403,7 +549,7 @@ def _record_gate_params(gm, example_inputs, names, controller) -> None:
         controller.register(gate.gate_name, [name for _, name, _ in params])
 
 
-def _anchor_gates(gm: fx.GraphModule, example_inputs, names: dict[int, str], prefix: str) -> None:
+def _anchor_gates(gm: fx.GraphModule, example_inputs, names: dict[int, str], prefix: str, model=None) -> None:
     """Let the gates of a layer-frame graph (``blocks.0``) name themselves after the layer they run for.
 
     Dynamo reuses such a graph for every identical layer; each gate is told which argument is one of
@@ -416,12 +562,18 @@ def _anchor_gates(gm: fx.GraphModule, example_inputs, names: dict[int, str], pre
             continue
         index, anchor, parameter = anchors[0]
         owned = [n[len(prefix):] for _, n, _ in params if n.startswith(prefix + ".")]  # ".mlp.0.weight", ...
-        gate.anchor, gate.namer = index, _layer_namer(names, anchor[len(prefix):], gate.gate_name[len(prefix):], owned)
+        gate.anchor, gate.namer = index, _layer_namer(names, anchor[len(prefix):], gate.gate_name[len(prefix):], owned,
+                                                      model)
         gate._slots[id(parameter)] = gate.slot
 
 
-def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[str]):
+def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[str], model=None):
+    model = weakref.ref(model) if model is not None else None
+
     def namer(parameter):
+        if id(parameter) not in names and model is not None and model() is not None:
+            # FSDP2 registers a layer's unsharded parameters only around its forward (sharded ones otherwise)
+            names.update({id(p): n for n, p in model().named_parameters(remove_duplicate=False)})
         full = names.get(id(parameter))
         if full is None or not full.endswith(suffix):
             return None, ()

@@ -1,0 +1,198 @@
+"""Bad input: every case gets an error or a warning that names the problem and the fix."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import dropbp_fx
+from dropbp_fx.backend import DropBPWarning
+from tests.oracle import assert_same_grads, detached, grads
+
+
+class Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class Net(nn.Module):
+    def __init__(self, depth=4, block=Block):
+        super().__init__()
+        self.blocks = nn.ModuleList(block() for _ in range(depth))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x).pow(2).mean()
+
+
+def _compiled(**options):
+    torch.manual_seed(0)
+    net = Net()
+    compiled = torch.compile(net, backend="dropbp", options={"inner": "eager", **options})
+    compiled(torch.randn(4, 8)).backward()  # Dynamo compiles lazily: the gates exist after the first call
+    return net, compiled
+
+
+# ---------------------------------------------------------------- options
+@pytest.mark.parametrize("rate", [1.0, -0.1, 1.5, float("nan"), "0.5"])
+def test_drop_rate_outside_0_1(rate):
+    message = r"drop_rate must be a number in \[0, 1\) \(0 = never drop\)"
+    with pytest.raises(ValueError, match=message):
+        dropbp_fx.DropBP(drop_rate=rate)
+    with pytest.raises(Exception, match=message):  # through torch.compile: raised on the first call
+        torch.compile(Net(), backend="dropbp", options={"drop_rate": rate})(torch.randn(2, 8))
+
+
+def test_unknown_option_key_lists_the_valid_ones():
+    with pytest.raises(Exception, match=r"unknown option\(s\) \['droprate'\]. Valid options:\n  drop_rate: float"):
+        torch.compile(Net(), backend="dropbp", options={"droprate": 0.5})(torch.randn(2, 8))
+
+
+def test_unknown_inner_compiler():
+    with pytest.raises(ValueError, match=r"inner must be one of \('eager', 'aot_eager', 'inductor'\), got 'tvm'"):
+        dropbp_fx.DropBP(inner="tvm")
+
+
+def test_mode_instead_of_options():
+    with pytest.raises(Exception, match=r"dropbp takes options=\{...\}, not mode='max-autotune'"):
+        torch.compile(Net(), backend="dropbp", mode="max-autotune")(torch.randn(2, 8))
+
+
+# ---------------------------------------------------------------- rates and calibration
+def test_rate_list_of_the_wrong_length():
+    _, compiled = _compiled()
+    dbp = dropbp_fx.get_dropbp(compiled)
+    with pytest.raises(ValueError, match=r"got 3 rates for 4 gates \['blocks.0.mlp'.*pass one rate per gate, in "
+                                         r"this order, or a dict by gate name"):
+        dbp.set_rates([0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match=r"unknown gate names \['blocks.9.mlp'\]; the gates are"):
+        dbp.set_rates({"blocks.9.mlp": 0.5})
+    with pytest.raises(ValueError, match=r"rate must be a number in \[0, 1\)"):
+        dbp.set_rates([0.5, 0.5, 0.5, 1.0])
+    assert list(dbp.rates.values()) == [0.5] * 4  # nothing was applied
+
+
+def test_unreachable_calibration_targets():
+    _, compiled = _compiled()
+    batch = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"target = 0.99 must be in \[0, 0.95\]"):
+        dropbp_fx.calibrate(compiled, batch, target=0.99)
+    with pytest.raises(ValueError, match=r"target 0.8 is not reachable: with these max_rate values the FLOPs-weighted "
+                                         r"drop rate is at most 0.6; raise max_rate or lower the target"):
+        dropbp_fx.calibrate(compiled, batch, target=0.8, max_rate=0.6)
+
+
+def test_calibration_batch_without_gradient():
+    net, compiled = _compiled()
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"the loss does not require grad on this batch .* use a batch that trains"):
+        dropbp_fx.calibrate(compiled, lambda: compiled(x).detach())
+    vector = torch.compile(_Vector(net), backend=dropbp_fx.DropBP(inner="eager"))
+    vector(x).sum().backward()
+    with pytest.raises(ValueError, match=r"must make the model return a scalar loss .* pass a closure"):
+        dropbp_fx.calibrate(vector, x)
+
+
+class _Vector(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.blocks = net.blocks
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_calibration_before_the_first_step():
+    compiled = torch.compile(Net(), backend=dropbp_fx.DropBP(inner="eager"))
+    with pytest.raises(LookupError, match=r"no dropbp state for this model: .* run one forward first"):
+        dropbp_fx.calibrate(compiled, torch.randn(4, 8))
+
+
+# ---------------------------------------------------------------- models
+def test_model_without_residual_branch_warns_and_trains_unchanged():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
+    reference = copy.deepcopy(mlp)
+    x = torch.randn(4, 8)
+    with pytest.warns(DropBPWarning, match=r"graph 0 has no residual branch .* nothing in it is ever dropped .* "
+                                           r"dropbp_fx.explain\(model, \*inputs\) lists every add"):
+        torch.compile(mlp, backend="dropbp", options={"inner": "eager"})(x).sum().backward()
+    reference(x).sum().backward()
+    assert_same_grads(grads(mlp), grads(reference))
+
+
+class InPlaceBlock(Block):
+    """The branch scales the residual stream in place before reading it: the skip sees the scaled value too."""
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x.mul_(0.5)))
+
+
+def test_in_place_mutation_of_the_branch_input_warns_and_keeps_oracle_gradients():
+    torch.manual_seed(0)
+    net = Net(block=InPlaceBlock)
+    oracle = copy.deepcopy(net)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=1, inner="eager")
+    compiled = torch.compile(net, backend=dbp)
+    x = torch.randn(4, 8)
+    mixed = 0
+    for step in range(4):
+        net.zero_grad(set_to_none=True)
+        if step == 0:
+            with pytest.warns(DropBPWarning, match=r"residual stream of branch 'blocks.0.mlp' is modified in place "
+                                                   r"\(mul_ = mul_\).*use the out-of-place op"):
+                compiled(x.clone()).backward()
+        else:
+            compiled(x.clone()).backward()
+        dropped = [g for g, d in dbp.last_mask.items() if d]
+        mixed += 0 < len(dropped) < 4
+        oracle.zero_grad(set_to_none=True)
+        with detached(oracle, dropped):
+            oracle(x.clone()).backward()
+        assert_same_grads(grads(net), grads(oracle))
+    assert mixed
+
+
+class PublishedDropBP(nn.Module):
+    """The published library's layer (``dropbp.layer.DropBP``), as its README has users insert it."""
+
+    def __init__(self, flops, p=0):
+        super().__init__()
+        self.p, self.flops, self.count, self.is_detach = p, flops, 0, True
+
+    def forward(self, input):
+        if not self.training or random.random() <= 1 - self.p:
+            return input
+        self.count += 1
+        return input.detach()
+
+
+PublishedDropBP.__name__ = "DropBP"
+
+
+class HandEditedBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.dropbp_mlp = PublishedDropBP(flops=1.0, p=0.5)
+
+    def forward(self, x):
+        return x + self.dropbp_mlp(self.mlp(self.norm(x)))
+
+
+def test_model_already_wrapped_by_the_published_dropbp_layers():
+    with pytest.raises(Exception, match=r"already contains layers of the published DropBP library \(blocks.0.dropbp_mlp"
+                                        r", blocks.1.dropbp_mlp, blocks.2.dropbp_mlp, blocks.3.dropbp_mlp\).*"
+                                        r"Use the unmodified model"):
+        torch.compile(Net(block=HandEditedBlock), backend="dropbp", options={"inner": "eager"})(torch.randn(2, 8))
