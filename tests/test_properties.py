@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -34,6 +35,13 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 def budget(n: int, share: float = 1.0) -> int:
     """``n`` examples under the default profile; a share of a larger profile's ``max_examples`` (fuzz)."""
     return max(n, int(settings.default.max_examples * share))
+
+
+# ``HYPOTHESIS_PROFILE=fuzz`` (README, "Fuzzing"): random seeds, a large budget, deeper networks (up to
+# FUZZ_BLOCKS blocks, each of up to two branches, plus nesting), and every inner compiler.
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+MAX_BLOCKS = int(os.environ.get("DROPBP_FUZZ_BLOCKS", "12")) if FUZZ else 4
+INNERS = ("eager", "aot_eager", "inductor") if FUZZ else ("eager", "aot_eager")
 
 ALWAYS = 0.999999  # with policy="bernoulli": dropped unless the uniform draw is >= 0.999999
 
@@ -109,6 +117,11 @@ def same(out, expected) -> bool:
     return len(out) == len(expected) and all(torch.equal(a, e) for a, e in zip(out, expected))
 
 
+def close(out, expected, rtol: float, atol: float) -> bool:
+    out, expected = outputs(out), outputs(expected)
+    return len(out) == len(expected) and all(torch.allclose(a, e, rtol=rtol, atol=atol) for a, e in zip(out, expected))
+
+
 def loss_of(out) -> torch.Tensor:
     """A loss over every output (the cache too: side outputs of the gates must be right as well)."""
     return sum((t * torch.linspace(-1.0, 2.0, t.numel(), dtype=t.dtype).reshape(t.shape)).sum() for t in outputs(out))
@@ -118,8 +131,14 @@ def input_grads(inputs) -> list[torch.Tensor | None]:
     return [None if t.grad is None else t.grad.clone() for t in inputs[:2]]
 
 
-def check_step(run, sut: nn.Module, ref: nn.Module, net: rn.Net, truth: rn.Truth, dbp, step: int) -> dict:
-    """One training step of ``run`` (the rewritten module) against the eager original and the oracle."""
+def check_step(run, sut: nn.Module, ref: nn.Module, net: rn.Net, truth: rn.Truth, dbp, step: int,
+               tolerance: tuple[float, float] | None = None) -> dict:
+    """One training step of ``run`` (the rewritten module) against the eager original and the oracle.
+
+    Exact forward and 1e-9 gradients by default; an inner compiler (fused, reordered kernels) passes a
+    ``(rtol, atol)`` tolerance for both.
+    """
+    rtol, atol = tolerance or (1e-9, 1e-12)
     for p in (*sut.parameters(), *ref.parameters()):
         p.grad = None
     inputs = net.inputs(seed=step)
@@ -129,7 +148,8 @@ def check_step(run, sut: nn.Module, ref: nn.Module, net: rn.Net, truth: rn.Truth
     out = run(*inputs)
     mask = dbp.last_mask
     assert set(mask) == truth.gated_names
-    assert same(out, plain), f"forward differs from the original module (mask {mask})"
+    assert same(out, plain) if tolerance is None else close(out, plain, rtol, atol), \
+        f"forward differs from the original module (mask {mask})"
     loss_of(out).backward()
 
     ref_inputs = net.inputs(seed=step)
@@ -139,11 +159,11 @@ def check_step(run, sut: nn.Module, ref: nn.Module, net: rn.Net, truth: rn.Truth
     loss_of(ref_out).backward()
 
     actual = grads(sut)
-    assert_same_grads(actual, grads(ref), rtol=1e-9, atol=1e-12)
+    assert_same_grads(actual, grads(ref), rtol=rtol, atol=atol)
     for a, e in zip(input_grads(inputs), input_grads(ref_inputs)):
         assert (a is None) == (e is None)
         if e is not None:
-            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
     # a dropped branch's own parameters get no gradient (unless another call of its module was open)
     open_modules = {g.detach for g in truth.gates if not mask[g.name]}
@@ -218,7 +238,7 @@ def check_everything(spec: rn.NetSpec, mask_spec=("drawn", 0.5, "topup", 0), kee
 # properties
 # ---------------------------------------------------------------------------
 @settings(max_examples=budget(200), **SETTINGS)
-@given(rn.net_specs())
+@given(rn.net_specs(max_blocks=MAX_BLOCKS))
 def test_detection_symbolic_trace(spec):
     net, truth = rn.build(spec)
     analysis = find_residual_branches(torch.fx.symbolic_trace(net))
@@ -226,13 +246,13 @@ def test_detection_symbolic_trace(spec):
 
 
 @settings(max_examples=budget(150), **SETTINGS)
-@given(rn.net_specs(), masks, st.sampled_from(["auto", True, False]))
+@given(rn.net_specs(max_blocks=MAX_BLOCKS), masks, st.sampled_from(["auto", True, False]))
 def test_transform_forward_and_gradients(spec, mask_spec, keep_one_open):
     check_everything(spec, mask_spec, keep_one_open)
 
 
 @settings(max_examples=budget(20, 0.05), **SETTINGS)
-@given(rn.net_specs(max_blocks=3), masks)
+@given(rn.net_specs(max_blocks=3 if not FUZZ else MAX_BLOCKS), masks)
 def test_dynamo_detection_and_gradients(spec, mask_spec):
     net, truth = rn.build(spec)
     dbp = make_dropbp(mask_spec, "auto")
@@ -245,6 +265,26 @@ def test_dynamo_detection_and_gradients(spec, mask_spec):
     force(dbp, mask_spec)
     for step in (1, 2):
         check_step(compiled, sut, ref, net, truth, dbp, step)
+    torch._dynamo.reset()
+
+
+@settings(max_examples=budget(8, 0.01), **SETTINGS)
+@given(rn.net_specs(max_blocks=2 if not FUZZ else MAX_BLOCKS), st.sampled_from(INNERS),
+       st.sampled_from([0.25, 0.5, 0.75]), st.integers(0, 1000))
+def test_inner_compilers_gradients(spec, inner, rate, seed):
+    """The compiled pieces (trunk segments, both variants of each branch) against the oracle, over 3 drawn masks.
+
+    float64, so the tolerance is that of the inner compiler's reordering, not of float32.
+    """
+    net, truth = rn.build(spec)
+    sut, ref = copy.deepcopy(net), copy.deepcopy(net)
+    dbp = dropbp_fx.DropBP(drop_rate=rate, policy="bernoulli", seed=seed, keep_one_open=True, inner=inner)
+    torch._dynamo.reset()
+    compiled = torch.compile(sut, backend=dbp)
+    compiled(*net.inputs(seed=0))  # compiles (the pieces compile on their first call)
+    assert set(dbp.gate_names) == truth.gated_names
+    for step in (1, 2, 3):
+        check_step(compiled, sut, ref, net, truth, dbp, step, tolerance=(1e-7, 1e-9))
     torch._dynamo.reset()
 
 
