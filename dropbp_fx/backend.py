@@ -4,7 +4,7 @@
 ``torch_dynamo_backends`` entry point to :func:`dropbp`; ``backend=DropBP(...)``
 uses an object you keep. Either way, for every graph Dynamo captures:
 
-1. graphs traced with grad disabled, or from a model in eval mode, run unchanged;
+1. graphs traced with grad disabled run unchanged (in eval mode the gates stay open);
 2. :func:`passes.residuals.find_residual_branches` finds the residual branches;
 3. :func:`passes.gating.gate_residual_branches` moves each into a ``DropGate``;
 4. the rewritten graph runs (eagerly, in this version).
@@ -118,8 +118,8 @@ class DropBP:
         index = len(self.graphs)
         if not torch.is_grad_enabled():
             return self._unchanged(gm, example_inputs, index, "traced with grad disabled: no gates")
-        if root is not None and not root.training:
-            return self._unchanged(gm, example_inputs, index, "model in eval mode: no gates")
+        # A graph traced in eval mode gets gates too: Dynamo guards ``module.training`` only where the model's
+        # code reads it, so the same graph may run after ``model.train()``. The gates stay open in eval mode.
         self._check_distributed()
         if not self._rewrite(gm, example_inputs, prefix):
             return self._whole(gm, example_inputs)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dropbp_fx.allocate import allocate_rates
-from dropbp_fx.backend import DropBP, get_dropbp
+from dropbp_fx.backend import DropBP, _ddp_class, _unwrap_ddp, get_dropbp
 
 log = logging.getLogger("dropbp_fx")
 
@@ -109,7 +109,9 @@ def _same_randomness():
 
 
 def _model_of(compiled) -> nn.Module:
-    model = getattr(compiled, "_orig_mod", compiled)
+    """The model whose parameter names the gates know: inside ``torch.compile`` and DDP wrappers."""
+    model = _unwrap_ddp(compiled)
+    model = _unwrap_ddp(getattr(model, "_orig_mod", model))
     if not isinstance(model, nn.Module):
         raise TypeError("calibrate needs the compiled model (torch.compile(model, backend='dropbp'))")
     return model
@@ -140,7 +142,8 @@ def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dic
             controller.forced = None
         return [0.0 if g is None else float(g.detach().float().norm()) for g in grads]
 
-    with _same_randomness() as replay:
+    ddp = _ddp_of(compiled)
+    with _same_randomness() as replay, (ddp.no_sync() if ddp is not None else contextlib.nullcontext()):
         if controller.gates:
             controller.recorder.reset()
             controller.recorder.active = method == "fast"
@@ -181,11 +184,38 @@ def _fast_estimate(controller, params, reference, tied: set[str]) -> dict[str, f
     return result
 
 
+def _ddp_of(compiled):
+    """The ``DistributedDataParallel`` of ``torch.compile(DDP(model))`` or ``DDP(torch.compile(model))``, if any."""
+    ddp = _ddp_class()
+    for module in (compiled, getattr(compiled, "_orig_mod", None)):
+        if ddp is not None and isinstance(module, ddp):
+            return module
+    return None
+
+
+def _mean_over_ranks(sens: dict[str, float], ddp) -> dict[str, float]:
+    """Under DDP every rank must draw the same masks, so use the same rates: each rank measured its own
+    batch, and all of them allocate from the mean of the sensitivities."""
+    if ddp is None:
+        return sens
+    names = sorted(sens)
+    device = next(ddp.module.parameters()).device
+    values = torch.tensor([sens[n] for n in names], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values, group=ddp.process_group)
+    values /= torch.distributed.get_world_size(ddp.process_group)
+    return dict(zip(names, values.tolist()))
+
+
 def calibrate(compiled, batch_or_closure, target: float = 0.75, *, method: str = "fast",
               allocator: str = "optimal", min_rate: float = 0.0, max_rate: float = 0.95) -> Calibration:
-    """Measure sensitivities, allocate per-gate rates for ``target`` and apply them; returns the table."""
+    """Measure sensitivities, allocate per-gate rates for ``target`` and apply them; returns the table.
+
+    Under ``DistributedDataParallel``, call it on every rank (``CalibrationSchedule`` does, at the same step):
+    the sensitivities are averaged over the ranks, so that every rank gets the same rates and masks.
+    """
     dbp = get_dropbp(compiled)
     sens, passes = sensitivities(compiled, batch_or_closure, method)
+    sens = _mean_over_ranks(sens, _ddp_of(compiled))
     gates = dbp.controller.gates
     missing = [g.name for g in gates if not g.flops]
     flops = [g.flops[1] if g.flops else 1.0 for g in gates]
@@ -226,3 +256,24 @@ class CalibrationSchedule:
             self.result = calibrate(self.compiled, batch_or_closure, self.target, method=self.method, **self.kwargs)
         self.steps += 1
         return self.result
+
+    def state_dict(self) -> dict:
+        """Where the schedule stands: steps seen, the calibration step, and the table once calibrated.
+
+        Plain Python values (``torch.load(..., weights_only=True)`` reads them). The rates the calibration set
+        are in ``get_dropbp(compiled).state_dict()``: save and load both to resume.
+        """
+        result = None if self.result is None else {
+            "rows": [(r.gate, r.flops_share, r.sensitivity, r.rate) for r in self.result],
+            "method": self.result.method, "backward_passes": self.result.backward_passes,
+            "target": self.result.target}
+        return {"steps": self.steps, "at": self.at, "result": result}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.at = int(state["steps"]), int(state["at"])
+        self.result = None
+        if state["result"] is not None:
+            saved = state["result"]
+            self.result = Calibration(CalibrationRow(*row) for row in saved["rows"])
+            self.result.method, self.result.backward_passes = saved["method"], saved["backward_passes"]
+            self.result.target = saved["target"]

@@ -35,6 +35,13 @@ class GateState:
     flops: tuple[int, int] | None = None  # (forward, backward) FLOPs of the branch, counted on the graph
     params: set[str] = field(default_factory=set)  # names of the parameters the branch consumes
 
+    def __setattr__(self, key, value):
+        if key == "flops" and value is not None:  # counted on a graph with symbolic sizes: at its traced sizes
+            from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+            value = tuple(optimization_hint(v, fallback=0) if isinstance(v, torch.SymInt) else v for v in value)
+        super().__setattr__(key, value)
+
 
 def uniform(seed: int, step: int, name: str) -> float:
     """A uniform number in [0, 1) determined by (seed, step, gate name) alone."""
@@ -90,6 +97,7 @@ class DropController:
         self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
         self._model = None  # weakref to the compiled model: its eval mode turns dropping off
         self.forced: dict[int, bool] | None = None  # a calibration's fixed mask (slot -> dropped)
+        self._resumed: tuple[int, set[str]] | None = None  # (step, gate names) of a state loaded before any graph
         self.recorder = ProbeRecorder()
 
     def watch(self, model) -> None:
@@ -105,6 +113,8 @@ class DropController:
         """
         self.gate_params.update(params)
         slot = self._slots.get(name)
+        if slot is None and self._resumed is not None and name not in self._resumed[1]:
+            raise ValueError(_mismatch_message([name], []))
         if slot is None:
             slot = len(self.gates)
             self._slots[name] = slot
@@ -207,6 +217,11 @@ class DropController:
         return dropped
 
     def _new_step(self) -> None:
+        if self._resumed is not None and self.step > self._resumed[0]:  # a whole step ran since the load
+            never_ran = [g.name for g in self.gates if g.calls == 0]
+            if never_ran:
+                raise ValueError(_mismatch_message([], never_ran))
+            self._resumed = None
         self._mask = self.mask_for(self.step)
         self.step += 1
         self._used = set()
@@ -223,18 +238,40 @@ class DropController:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """Everything the masks depend on: seed, step, policy, keep_one_open and each gate's rate (calibrated
+        rates included). Plain Python values, so ``torch.load(..., weights_only=True)`` reads it back."""
         return {"seed": self.seed, "step": self.step, "policy": self.policy, "drop_rate": self.drop_rate,
-                "rates": self.rates}
+                "keep_one_open": self.keep_one_open, "rates": self.rates}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``: the next training step draws the mask the saved run would have drawn.
+
+        Loaded before any graph compiled (a fresh ``DropBP``), the state declares the gates; a compiled graph
+        that brings another gate, or a first step in which a declared gate never runs, is a ``ValueError``.
+        Loaded later, the state must name exactly the model's gates.
+        """
+        names = list(state["rates"])
+        if self.gates and set(names) != set(self.names):
+            raise ValueError(_mismatch_message(sorted(set(self.names) - set(names)),
+                                               sorted(set(names) - set(self.names))))
+        fresh = not self.gates
         self.seed = int(state["seed"])
         self.policy = state["policy"]
         self.drop_rate = float(state["drop_rate"])
+        self.keep_one_open = state.get("keep_one_open", self.keep_one_open)
         for name, rate in state["rates"].items():
             self.gates[self.register(name)].rate = float(rate)
         self.step = int(state["step"])
+        self._resumed = (self.step, set(names)) if fresh or self._resumed is not None else None
         self._mask = []
         self._used = set()
+
+
+def _mismatch_message(model_only: list[str], state_only: list[str]) -> str:
+    parts = [f"gates of the model the state does not name: {model_only}"] if model_only else []
+    parts += [f"gates the state names that the model does not run: {state_only}"] if state_only else []
+    return ("dropbp: this drop state was saved from another model (gate names are module paths, e.g. "
+            "'model.layers.0.mlp'): " + "; ".join(parts) + ". Load it into the model it was saved from.")
 
 
 def check_rate(key: str, value) -> None:

@@ -12,10 +12,18 @@ tensors it is called with, with the inner compiler:
 Pieces are cached by structure (ops and wiring, not node names), input metadata and
 grad mode, so identical layers share one compiled artifact: an 8-layer model
 compiles as many pieces as a 1-layer one. Changing masks never recompiles.
+
+Graphs with symbolic sizes (``dynamic=True``, or the automatic dynamic shapes Dynamo
+switches to when a size changes) are different: a piece compiled from real tensors would
+be specialised on their sizes. Their pieces compile at once, while Dynamo is still
+tracing, from the graph's own fake tensors, with its symbolic sizes: each compiles once
+for all sizes, and whatever the inner compiler assumes about the sizes becomes a guard
+of the Dynamo graph. See :class:`Compiled`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -48,12 +56,38 @@ def input_key(args) -> tuple:
     (AOTAutograd compiles duplicated inputs away, so that pattern is part of the artifact)."""
     key, first = [], {}
     for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            key.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad, isinstance(a, nn.Parameter),
-                        first.setdefault(id(a), i)))
+        if isinstance(a, torch.Tensor):  # symbolic sizes (fake tensors of a dynamic graph) by name: s0, s1 + 1, ...
+            key.append((tuple(map(_size, a.shape)), tuple(map(_size, a.stride())), a.dtype, a.device,
+                        a.requires_grad, isinstance(a, nn.Parameter), first.setdefault(id(a), i)))
         else:
             key.append(repr(a))
     return tuple(key)
+
+
+def _size(n):
+    if isinstance(n, torch.SymInt):
+        value = n.node.maybe_as_int()  # a SymInt that is a known constant (16) is keyed like the int 16
+        return str(n) if value is None else value
+    return n
+
+
+def autocast_state() -> tuple:
+    """The autocast dtypes in force: a piece traced under autocast has its casts baked in, so an artifact
+    compiled without autocast must not serve an autocast graph (Dynamo compiles one graph per state), nor
+    the reverse (the ops of an fp32 artifact would be autocast again at run time, but not its backward)."""
+    return tuple((device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(device))
+
+
+def is_symbolic(value) -> bool:
+    """A symbolic number, or a (fake) tensor, or a tuple of them, with a symbolic size or stride."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return any(isinstance(n, torch.SymInt) for n in (*value.shape, *value.stride()))
+    if isinstance(value, (tuple, list)):
+        return any(is_symbolic(v) for v in value)
+    return False
 
 
 class CompileCache:
@@ -66,14 +100,20 @@ class CompileCache:
         self.hits = 0
         self.seconds = 0.0
 
-    def get(self, gm: fx.GraphModule, args, training: bool):
-        key = (structure_key(gm), input_key(args), training)
+    def get(self, gm: fx.GraphModule, args, training: bool, scope=None):
+        """The compiled ``gm`` for ``args`` (real tensors, or the fake tensors of one graph: ``scope`` is then
+        their fake mode, so that artifacts specialised under one graph's guards serve only that graph)."""
+        key = (structure_key(gm), input_key(args), training, autocast_state(), scope)
         fn = self._fns.get(key)
         if fn is not None:
             self.hits += 1
             return fn
         start = time.perf_counter()
-        with torch.set_grad_enabled(training):
+        # a graph's fake tensors: a tracing context of its own (each piece keeps its own AOTAutograd metadata,
+        # which its backward, compiled lazily, looks up), over the graph's fake mode and its shape environment
+        tracing = (contextlib.nullcontext() if scope is None
+                   else torch._guards.tracing(torch._guards.TracingContext(scope)))
+        with torch.set_grad_enabled(training), tracing:
             fn = inner_backend(self.inner)(gm, list(args))
         self.seconds += time.perf_counter() - start
         self._fns[key] = fn
@@ -84,13 +124,24 @@ class CompileCache:
 
 
 class Compiled(nn.Module):
-    """A graph piece that compiles itself with the inner compiler on its first call.
+    """A graph piece compiled with the inner compiler.
 
-    ``training=False`` compiles an inference graph (called under ``no_grad``). An artifact
+    ``training=False`` compiles an inference graph (called under ``no_grad``).
+
+    Static sizes: the piece compiles on its first call, from the real tensors. An artifact
     is specialised on which inputs require grad (AOTAutograd computes no gradient for an
     input that did not), and that changes with the mask: a trunk segment after a closed
     gate receives a tensor without grad. So the pieces look their artifact up by that
-    pattern on every call (and by input shapes, in graphs with symbolic sizes).
+    pattern on every call.
+
+    Symbolic sizes (a node's value has a symbolic size, and the graph's fake tensors are at
+    hand, as in a graph Dynamo is tracing): the piece compiles now, once, from those fake
+    tensors, so one artifact serves every size and the inner compiler's assumptions about
+    sizes become guards of the Dynamo graph (a real-tensor compile would be specialised on
+    the first sizes, and lazily added guards would never be checked). It is compiled for the
+    inputs that required grad when the graph was traced (every gate open): a closed gate's
+    output without grad only makes a gradient it computes go unused. A call with an input
+    requiring grad that did not then (never seen in training) runs the piece uncompiled.
     """
 
     def __init__(self, gm: fx.GraphModule, cache: CompileCache, training: bool) -> None:
@@ -98,12 +149,24 @@ class Compiled(nn.Module):
         self.gm = gm
         self.cache = cache
         self.training_graph = training
-        self._dynamic = any(isinstance(n.meta.get("example_value"), torch.SymInt)
-                            for n in gm.graph.nodes if n.op == "placeholder")
         self._fns: dict[tuple, object] = {}
+        self._symbolic = None  # the artifact compiled from fake tensors with symbolic sizes
+        self._no_grad_inputs: list[int] = []  # inputs it was compiled as not requiring grad
+        self._dynamic = any(is_symbolic(n.meta.get("example_value", n.meta.get("val"))) for n in gm.graph.nodes)
+        fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        scope = torch._guards.detect_fake_mode(fakes) if self._dynamic and None not in fakes else None
+        if scope is not None and scope.shape_env is not None:
+            self._symbolic = cache.get(gm, fakes, training, scope)
+            self._no_grad_inputs = [i for i, a in enumerate(fakes)
+                                    if isinstance(a, torch.Tensor) and not a.requires_grad]
 
     def forward(self, *args):
-        if self._dynamic:
+        if self._symbolic is not None:
+            if self.training_graph and torch.is_grad_enabled() and any(args[i].requires_grad
+                                                                        for i in self._no_grad_inputs):
+                return self.gm(*args)
+            return self._symbolic(*args)
+        if self._dynamic:  # symbolic sizes without fake tensors (not traced by Dynamo): by sizes too
             key = tuple(tuple(a.shape) + (a.requires_grad,) if isinstance(a, torch.Tensor) else a for a in args)
         elif self.training_graph:
             key = tuple(a.requires_grad for a in args if isinstance(a, torch.Tensor))

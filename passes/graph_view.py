@@ -85,8 +85,8 @@ _COMPUTE_ATEN = {
 }
 # Grouped (mixture-of-experts) matmuls: transformers' MoE experts run ``F.grouped_mm`` / ``torch._grouped_mm``,
 # or, where those cannot run (CPU, fp32), its own custom op ``torch.ops.transformers.grouped_mm_fallback``.
-_COMPUTE_FUNCTIONS |= {f for f in (getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None))
-                       if f is not None}
+_COMPUTE_FUNCTIONS |= {f for f in (getattr(torch.nn.functional, "grouped_mm", None),
+                                  getattr(torch, "_grouped_mm", None)) if f is not None}
 _COMPUTE_METHODS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm"}
 
 

@@ -22,7 +22,8 @@ Shapes it recognises:
 * identity skip: pre-norm ``x + f(norm(x))``, post-norm ``norm(x + f(x))``,
   sandwich ``x + norm(f(norm(x)))``, in any add spelling (``+``, ``+=``,
   ``torch.add(alpha=)``, ``Tensor.add(_)``, ``aten.add(_).Tensor``);
-* parallel branches ``x + attn(ln(x)) + mlp(ln(x))``, in either association: one branch per term;
+* parallel branches ``x + attn(ln(x)) + mlp(ln(x))``, in either association, also under a dropout of
+  their sum (Falcon): one branch per term;
 * projection shortcuts ``f(x) + proj(x)``: the heavier operand is the branch, the
   single projection stays the skip.
 
@@ -35,6 +36,7 @@ nested: the innermost is gated, the outer one is reported in ``outer``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -217,9 +219,11 @@ def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residua
             raise _Reject(f"{stream.name} reaches {out.name} only through the residual stream at {node.name} "
                           "(an additive mask or bias shared by several layers), not as its own residual stream")
     nodes |= _metadata_used_inside(nodes, dfg)
+    nodes |= _returned_views(nodes, out, dfg)
     nodes = _own_nodes(nodes, out, add, dfg.graph["metadata"])
     if out not in nodes:
         raise _Reject("the branch output is used outside the residual add")
+    nodes |= _parameter_prologue(nodes, dfg)
     ordered = _topo(nodes, dfg)
     compute = [n for n in ordered if gv.is_compute(n, root)]
     if not compute:
@@ -273,6 +277,39 @@ def _metadata_used_inside(nodes: set[fx.Node], dfg) -> set[fx.Node]:
         if any(u in nodes or u in needed for u in m.users):
             needed.add(m)
     return needed
+
+
+def _returned_views(nodes: set[fx.Node], out: fx.Node, dfg) -> set[fx.Node]:
+    """Slices, views and casts of branch values that only the graph returns: side outputs of the branch.
+
+    A sliding-window KV cache (Gemma2, Mistral) returns ``keys[:, :, -W:]``, not ``keys``; left outside,
+    that slice would pull the key/value projections and the norm before them out of the branch, into the
+    trunk, where they keep their backward when the gate is closed.
+    """
+    constants, metadata = dfg.graph["constants"], dfg.graph["metadata"]
+    found: set[fx.Node] = set()
+    for node in nodes - {out}:
+        for user in node.users:
+            if user in nodes or not (user.target is operator.getitem or gv.is_alias(user)):
+                continue
+            if user.users and all(u.op == "output" for u in user.users) and all(
+                    (a in nodes and a is not out) or a in constants or a in metadata for a in user.all_input_nodes):
+                found.add(user)
+    return found
+
+
+def _parameter_prologue(nodes: set[fx.Node], dfg) -> set[fx.Node]:
+    """Parameter-only expressions that only the branch reads (``1 + w`` of Gemma's RMSNorm, ``w.float()``,
+    ``W.T``): they belong to the branch.
+
+    Left in the trunk, an AOT-compiled trunk segment (inner ``aot_eager``/``inductor``) returns them with
+    a backward, and a closed gate's parameter gets a zero gradient instead of none.
+    """
+    found: set[fx.Node] = set()
+    for node in sorted(dfg.graph["constants"], key=lambda n: dfg.nodes[n]["index"], reverse=True):  # users first
+        if node.op.startswith("call") and node.users and all(u in nodes or u in found for u in node.users):
+            found.add(node)
+    return found
 
 
 def _own_nodes(nodes: set[fx.Node], out: fx.Node, add: fx.Node, metadata: set[fx.Node]) -> set[fx.Node]:
