@@ -157,3 +157,39 @@ def test_gradient_checkpointing_gates_inside_checkpointed_layers(arch, inner):
         assert_same_grads(grads(model), ref_grads, rtol=1e-4, atol=1e-5)
     assert dbp.gate_names == expected
     assert all(calls == 4 for _, calls in dbp.counts().values())  # forward calls only
+
+
+class _SharedNormBlock(nn.Module):
+    """Falcon-style: one LayerNorm read by two parallel branches, ``x + attn(ln(x)) + mlp(ln(x))``."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+    def forward(self, x):
+        h = self.ln(x)
+        return x + self.attn(h) + self.mlp(h)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager"])
+def test_trunk_value_read_only_by_closed_gates_gets_no_gradient(inner):
+    """Regression: ``ln`` sat in a compiled trunk segment whose backward ran for the stream's sake and handed
+    ``ln.weight`` zeros when both of its gates were closed (eager: ``None``). Zeros are not harmless: AdamW's
+    momentum and weight decay still move the parameter."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), _SharedNormBlock(), nn.Linear(16, 1))
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner)
+    compiled = torch.compile(net, backend=dbp)
+    x = torch.randn(4, 16)
+    compiled(x).sum().backward()
+    assert dbp.gate_names == ["1.attn", "1.mlp"]
+    for closed, expect_none in ((["1.attn", "1.mlp"], True), (["1.mlp"], False)):
+        dbp.set_rates({g: 0.999999 if g in closed else 0.0 for g in dbp.gate_names})
+        dbp.controller.policy = "bernoulli"
+        net.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+        assert [g for g, d in dbp.last_mask.items() if d] == closed
+        assert (net[1].ln.weight.grad is None) == expect_none
+        assert net[0].weight.grad is not None  # the trunk below still trains through the skip

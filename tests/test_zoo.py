@@ -159,11 +159,11 @@ ZOO: dict[str, Arch] = {
         **DECODER_KW, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
         num_experts_per_tok=2)), LLAMA_GATES),
 }
-# Known runtime bug (see the reason): under an AOT-based inner compiler a trunk value that feeds only gates
-# (Falcon's shared layernorm) gets a zero gradient instead of none when all of those gates are closed.
-ZOO["falcon_aot_eager"] = dataclasses.replace(ZOO["falcon"], inner="aot_eager", marks=pytest.mark.xfail(
-    strict=True, reason="inner='aot_eager'/'inductor': a trunk segment whose outputs feed only closed gates still "
-                        "runs its compiled backward, so transformer.h.0.input_layernorm gets zeros, not None"))
+# Regressions, under an AOT-based inner compiler: a trunk value that feeds only gates (Falcon's shared layernorm,
+# T5's cross-attention K/V of the encoder output) got a zero gradient instead of None when all of those gates were
+# closed (the trunk segment holding it still ran its compiled backward). Such values now get segments of their own.
+ZOO["falcon_aot_eager"] = dataclasses.replace(ZOO["falcon"], inner="aot_eager")
+ZOO["t5_aot_eager"] = dataclasses.replace(ZOO["t5"], inner="aot_eager")
 
 
 # ----------------------------------------------------------------------------------------- the test
