@@ -47,8 +47,60 @@ def inner_backend(inner: str):
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
+        _fix_inductor_tile2d_atomic_add()
         return compile_fx
     raise ValueError(f"no compiler for inner={inner!r}; choose one of {INNER_COMPILERS}")
+
+
+_TILE2D_FIX: list[bool] = []  # [whether the fix is installed], once checked
+
+
+def _fix_inductor_tile2d_atomic_add() -> bool:
+    """Work around an Inductor CPU codegen bug that writes out of bounds (pytorch/pytorch#191837; the upstream fix,
+    pytorch/pytorch#191861, does the same), installed once, only where the installed Inductor has the bug.
+
+    In a 2-D tiled C++ kernel (``CppTile2DKernel``: a transposed load fused with other work), a store in
+    ``atomic_add`` mode (``index_put(accumulate=True)``: the backward of advanced indexing such as Falcon's
+    ``fused_qkv[..., [-2], :]``) that is not itself transposed has ``transform_indexing`` (the tile's inner offset)
+    applied twice when the kernel runs on more than one thread: ``CppTile2DKernel.store`` applies it, then
+    ``CppVecKernel.store`` re-derives the index through ``ops.index_expr``, which ``CppTile2DOverrides`` transforms
+    again. The scatter then writes up to one tile past the buffer: heap corruption (segfaults, glibc "corrupted
+    double-linked list") in the backward of whatever piece Inductor fused that way. Falcon's attention branch does
+    so when compiled as a DropBP piece (its KV-cache outputs put a transposed gradient in the same kernel); plain
+    ``torch.compile`` fuses the whole model differently and happens not to. Fix (as upstream): for that path, hand
+    ``CppVecKernel.store`` the untransformed index, so the offset is applied once."""
+    if _TILE2D_FIX:
+        return _TILE2D_FIX[0]
+    import inspect
+
+    from torch._inductor import config
+    from torch._inductor.codegen import cpp
+
+    installed = False
+    try:
+        tile_store = inspect.getsource(cpp.CppTile2DKernel.store)
+        vec_store = inspect.getsource(cpp.CppVecKernel.store)
+        index_expr = inspect.getsource(cpp.CppTile2DOverrides.index_expr)
+        buggy = ("new_index = self.transform_indexing(index)" in tile_store
+                 and "super().store(name, new_index, value, mode)" in tile_store
+                 and "ops.index_expr(index" in vec_store and "transform_indexing" in index_expr)
+    except (AttributeError, OSError, TypeError):  # another Inductor: nothing to fix here
+        buggy = False
+    if buggy:
+        buggy_store = cpp.CppTile2DKernel.store
+
+        def store(self, name, index, value, mode=None):
+            if (mode == "atomic_add" and (config.cpp.dynamic_threads or self.num_threads != 1)
+                    and not self.need_vec_transpose(self.rename_indexing(index))):
+                # the parallel atomic_add path of CppVecKernel.store transforms the index itself
+                return cpp.CppVecKernel.store(self, name, index, value, mode)
+            return buggy_store(self, name, index, value, mode)
+
+        cpp.CppTile2DKernel.store = store
+        installed = True
+        log.debug("dropbp: patched Inductor's CppTile2DKernel.store (pytorch/pytorch#191837)")
+    _TILE2D_FIX.append(installed)
+    return installed
 
 
 def input_key(args) -> tuple:

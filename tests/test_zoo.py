@@ -164,6 +164,10 @@ ZOO: dict[str, Arch] = {
 # closed (the trunk segment holding it still ran its compiled backward). Such values now get segments of their own.
 ZOO["falcon_aot_eager"] = dataclasses.replace(ZOO["falcon"], inner="aot_eager")
 ZOO["t5_aot_eager"] = dataclasses.replace(ZOO["t5"], inner="aot_eager")
+# Regression, under inductor: the backward of Falcon's attention branch (index_put of fused_qkv[..., [-2], :], fused
+# with a transposed load) wrote out of bounds on more than one thread (pytorch/pytorch#191837; see
+# dropbp_fx.inner._fix_inductor_tile2d_atomic_add): segfaults within a few steps.
+ZOO["falcon_inductor"] = dataclasses.replace(ZOO["falcon"], inner="inductor")
 
 
 # ----------------------------------------------------------------------------------------- the test
@@ -176,6 +180,15 @@ def _oracle_path(gate: str, oracle: dict[str, str]) -> str:
 
 def _output(out) -> torch.Tensor:
     return out.logits
+
+
+def _assert_same(actual, expected, arch: Arch) -> None:
+    """Bit-for-bit under eager and aot_eager (the same ops on the same values); inductor fuses and reorders
+    float ops, so there: equal up to rounding."""
+    if arch.inner == "inductor":
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(actual, expected)
 
 
 def _check_block_params_in_gates(model, dbp, arch: Arch) -> None:
@@ -213,9 +226,9 @@ def test_zoo(name):
         with detached(oracle_model, [_oracle_path(g, arch.oracle) for g in dropped]):
             ref = oracle_model(**batch)
         ref.loss.backward()
-        # 2. forward: the same ops on the same values (eager inner compiler), so bit-for-bit equal
-        assert torch.equal(_output(out), _output(ref))
-        assert torch.equal(out.loss, ref.loss)
+        # 2. forward: the same ops on the same values, so bit-for-bit equal (inductor: up to rounding)
+        _assert_same(_output(out), _output(ref), arch)
+        _assert_same(out.loss, ref.loss, arch)
         # 3. gradients: those of the hook oracle, and None exactly where it has None
         assert_same_grads(grads(model), grads(oracle_model))
 
@@ -231,6 +244,6 @@ def test_zoo(name):
     batch = arch.batch(STEPS)
     out = compiled(**batch)
     assert torch.isfinite(out.loss)
-    assert torch.equal(_output(out), _output(model(**batch)))  # the compiled model reads the updated weights
+    _assert_same(_output(out), _output(model(**batch)), arch)  # the compiled model reads the updated weights
     out.loss.backward()
     assert dbp.step == STEPS + 1  # the compiled call drew a mask, the eager one did not
