@@ -59,6 +59,7 @@ def split_trunk(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool],
             continue
         runs[-1].append(node)
     names = []
+    _read_through_writes(gm)
     feeds = _gate_consumers(gm, is_gate)
     for run in runs:
         for group in _by_consumers(run, feeds):
@@ -68,6 +69,37 @@ def split_trunk(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool],
     gm.graph.lint()
     gm.recompile()
     return names
+
+
+def _read_through_writes(gm: fx.GraphModule) -> None:
+    """Readers of a tensor after an in-place write read the write's value, not the tensor's older node.
+
+    Before::                               After::
+
+        %y  = clone(%x)                        %y  = clone(%x)
+        %w  = call_method[add_](%y, %f)        %w  = call_method[add_](%y, %f)
+        %h  = layer_norm(%y, ...)              %h  = layer_norm(%w, ...)
+
+    The same tensor (``add_`` returns ``self``), but now the order is a data edge, so ``%h`` may go to
+    another segment. Only writes that return their input (methods ``foo_``, aten ``foo_`` ops; not
+    ``setitem``), and only direct readers of the written node.
+    """
+    latest: dict[fx.Node, fx.Node] = {}  # written node -> its latest write so far
+    for node in list(gm.graph.nodes):
+        for arg in set(node.all_input_nodes):
+            if arg in latest and latest[arg] is not node and not (gv.mutates_first_arg(node) and node.args[0] is arg):
+                node.replace_input_with(arg, latest[arg])
+        if gv.mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node) and _returns_self(node):
+            target = node.args[0]
+            latest[target] = node
+
+
+def _returns_self(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and node.target is not operator.setitem and schema.name.endswith("_") and \
+        bool(schema.returns) and schema.returns[0].alias_info is not None and schema.returns[0].alias_info.is_write
 
 
 def _gate_consumers(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool]) -> dict[fx.Node, frozenset | None]:
@@ -110,28 +142,44 @@ def _by_consumers(run: list[fx.Node], feeds: dict[fx.Node, frozenset | None]) ->
 
 
 def _around_writes(run: list[fx.Node]) -> set[fx.Node]:
-    """In-place writes in the run, the tensors they write (and their aliases), every reader of those, and
+    """In-place writes in the run, the tensors they write (and their aliases), their readers, and
     everything in the run they read.
 
     They stay together, in program order: a reader moved into another segment could run on the
     wrong side of the write (``shifted[..., 1:] = ids[..., :-1]`` before ``embedding(shifted)``).
+    A reader of the last write's own value (``ln(y.add_(f))``) is ordered by that data edge and may move.
     """
-    def base(node):
-        while isinstance(node, fx.Node) and (gv.is_alias(node) or gv.mutates_first_arg(node)) and node.args \
-                and isinstance(node.args[0], fx.Node):
+    def base(node):  # the tensor a write lands in: through views and writes, not through copies (``x.clone()``)
+        while isinstance(node, fx.Node) and (gv.is_alias(node) or gv.mutates_first_arg(node)) \
+                and not _is_clone(node) and node.args and isinstance(node.args[0], fx.Node):
             node = node.args[0]
         return node
 
-    written = {base(n.args[0]) for n in run if gv.mutates_first_arg(n) and n.args and isinstance(n.args[0], fx.Node)}
-    if not written:
+    writes = [n for n in run if gv.mutates_first_arg(n) and n.args and isinstance(n.args[0], fx.Node)]
+    if not writes:
         return set()
+    written = {base(n.args[0]) for n in writes}
     members = set(run)
     family = {n for n in run if base(n) in written} | written
-    pinned = (family | {u for n in family for u in n.users}) & members
+    last = {}  # base -> its last write in the run: reading that node's value already orders a reader after it
+    for w in writes:
+        last[base(w.args[0])] = w
+    settled = set(last.values())
+    readers = {u for n in family for u in n.users if u not in family
+               and not all(a in settled for a in u.all_input_nodes if a in family)}
+    pinned = (family | readers) & members
     for node in reversed(run):  # and what they read in the run: the kept-together part depends on no other group
         if node in pinned:
             pinned.update(a for a in node.all_input_nodes if a in members)
     return pinned
+
+
+def _is_clone(node: fx.Node) -> bool:
+    """A copy: writes into it leave its source alone (``y = x.clone(); y.add_(f(x))``)."""
+    if node.op == "call_method":
+        return node.target == "clone"
+    return node.op == "call_function" and (node.target is torch.clone or node.target in (
+        torch.ops.aten.clone.default, torch.ops.aten.clone))
 
 
 def _computes_tensor(node: fx.Node) -> bool:

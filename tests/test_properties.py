@@ -276,13 +276,20 @@ def test_inner_compilers_gradients(spec, inner, rate, seed):
 
     float64, so the tolerance is that of the inner compiler's reordering, not of float32.
     """
+    check_compiled(spec, dropbp_fx.DropBP(drop_rate=rate, policy="bernoulli", seed=seed, keep_one_open=True,
+                                          inner=inner))
+
+
+def check_compiled(spec: rn.NetSpec, dbp, mask_spec=None) -> None:
+    """``torch.compile(backend=dbp)`` (with its inner compiler) against the oracle over 3 steps."""
     net, truth = rn.build(spec)
     sut, ref = copy.deepcopy(net), copy.deepcopy(net)
-    dbp = dropbp_fx.DropBP(drop_rate=rate, policy="bernoulli", seed=seed, keep_one_open=True, inner=inner)
     torch._dynamo.reset()
     compiled = torch.compile(sut, backend=dbp)
     compiled(*net.inputs(seed=0))  # compiles (the pieces compile on their first call)
     assert set(dbp.gate_names) == truth.gated_names
+    if mask_spec is not None:
+        force(dbp, mask_spec)
     for step in (1, 2, 3):
         check_step(compiled, sut, ref, net, truth, dbp, step, tolerance=(1e-7, 1e-9))
     torch._dynamo.reset()
@@ -471,3 +478,19 @@ def test_shape_query_of_branch_output_dynamo():
     _, _, analysis = dynamo_capture(net, net.inputs())
     assert found(analysis) == expected(truth), explain(analysis)
     torch._dynamo.reset()
+
+
+SHARED_LN_INPLACE = rn.NetSpec((seq(B("mlp", add="method_inplace")),
+                                rn.BlockSpec("parallel", (B("mlp"), B("func")), shared_ln=True)))
+
+
+@pytest.mark.parametrize("mask_spec", [ALL_DROPPED, ALTERNATE], ids=["all-dropped", "alternate"])
+def test_regression_shared_norm_with_inplace_residual_add(mask_spec):
+    """Found by the fuzz profile (inner="inductor"): ``y = x.clone(); y.add_(f(x))``, then a parallel block
+    ``y + f(ln(y)) + g(ln(y))``. Dynamo's graph reads ``ln(y)`` from the clone's node, not from the ``add_``,
+    so ``ln`` was kept in the stream's segment to stay after the write, and with both parallel gates closed
+    ``ln.weight`` got zeros from that segment's compiled backward instead of ``None``. Readers now read the
+    write's value (a data edge), and ``ln`` gets its own segment."""
+    check_compiled(SHARED_LN_INPLACE, dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", keep_one_open=False,
+                                                       inner="aot_eager"), mask_spec)
+
