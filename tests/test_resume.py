@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import dropbp_fx
+from tests.test_runtime import Block
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,16 +28,6 @@ def _llama(layers=2):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, use_cache=False)).train()
-
-
-class Block(nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
 
 
 class BrokenNet(nn.Module):
