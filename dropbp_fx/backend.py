@@ -235,7 +235,7 @@ class DropBP:
             gate = gm.get_submodule(node.target)
             key = (structure_key(gate.branch), input_key(values))
             if key not in self._flops_cache:
-                self._flops_cache[key] = count_flops(gate.branch, values)
+                self._flops_cache[key] = _concrete(count_flops(gate.branch, values))
             gate.flops = self._flops_cache[key]
             self.controller.gates[gate.slot].flops = gate.flops
 
@@ -580,6 +580,13 @@ def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[
         layer = full[: len(full) - len(suffix)]
         return layer + relative, [layer + n for n in owned]
     return namer
+
+
+def _concrete(flops: tuple) -> tuple[int, int]:
+    """FLOPs counted on a graph with symbolic sizes, at the sizes it was traced with."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    return tuple(optimization_hint(v, fallback=0) if isinstance(v, torch.SymInt) else v for v in flops)
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:

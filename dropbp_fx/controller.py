@@ -35,13 +35,6 @@ class GateState:
     flops: tuple[int, int] | None = None  # (forward, backward) FLOPs of the branch, counted on the graph
     params: set[str] = field(default_factory=set)  # names of the parameters the branch consumes
 
-    def __setattr__(self, key, value):
-        if key == "flops" and value is not None:  # counted on a graph with symbolic sizes: at its traced sizes
-            from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-            value = tuple(optimization_hint(v, fallback=0) if isinstance(v, torch.SymInt) else v for v in value)
-        super().__setattr__(key, value)
-
 
 def uniform(seed: int, step: int, name: str) -> float:
     """A uniform number in [0, 1) determined by (seed, step, gate name) alone."""
