@@ -11,12 +11,20 @@ no weight gradient, so its backward is about half that of a trained one.
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from passes import graph_view as gv
+
 aten = torch.ops.aten
+log = logging.getLogger("dropbp_fx.passes")
 
 
 def _cpu_flash(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -27,10 +35,64 @@ def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *ar
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-# torch counts the CUDA attention kernels; the CPU flash kernel (what SDPA runs here) is added.
+def _prod(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``aten._grouped_mm`` (MoE experts in transformers 5): tokens ``(S, K)`` x experts ``(G, K, N)``,
+    batched ``(G, M, K)`` x ``(G, K, N)``, or the weight gradient ``(K, S)`` x ``(S, N)`` split by ``offs``
+    into ``(G, K, N)``: every output element is one dot product over the contracted dimension."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * _prod(a_shape) * int(b_shape[1])
+    return 2 * _prod(out_shape) * int(a_shape[-1])
+
+
+def _grouped_mm_fallback(input_shape, weight_shape, *args, **kwargs) -> int:
+    """transformers' ``grouped_mm_fallback(input (S, K), weight (G, K, N), offs)``."""
+    return 2 * _prod(input_shape) * int(weight_shape[-1])
+
+
+def _grouped_mm_fallback_backward(input_shape, weight_shape, *args, **kwargs) -> int:
+    return 2 * _grouped_mm_fallback(input_shape, weight_shape)  # input and weight gradients
+
+
+def _matmul_4bit(a_shape, b_shape, shape_b, *args, **kwargs) -> int:
+    """bitsandbytes' ``gemm_4bit``/``gemv_4bit(A, B_packed, shapeB=[N, K], ...)``: the dense matmul of the
+    dequantized ``(N, K)`` weight (``B`` holds two 4-bit values a byte, so its own shape is not the matmul's)."""
+    return 2 * _prod(a_shape[:-1]) * _prod(shape_b)
+
+
+def _int8_matmul(a_shape, b_shape, *args, **kwargs) -> int:
+    """bitsandbytes' ``int8_linear_matmul``/``int8_scaled_mm(A, B (N, K), ...)``."""
+    return 2 * _prod(a_shape) * int(b_shape[0])
+
+
+def _int8_mixed(a_shape, ca_shape, cb_shape, *args, **kwargs) -> int:
+    return _int8_matmul(ca_shape, cb_shape)
+
+
+def _library_formulas() -> dict:
+    """Formulas for the kernels of libraries users bring, where that library is loaded."""
+    formulas = {}
+    for namespace, name, formula in (
+            ("transformers", "grouped_mm_fallback", _grouped_mm_fallback),
+            ("transformers", "grouped_mm_fallback_backward", _grouped_mm_fallback_backward),
+            ("bitsandbytes", "gemm_4bit", _matmul_4bit), ("bitsandbytes", "gemv_4bit", _matmul_4bit),
+            ("bitsandbytes", "int8_linear_matmul", _int8_matmul), ("bitsandbytes", "int8_scaled_mm", _int8_matmul),
+            ("bitsandbytes", "int8_mixed_scaled_mm", _int8_mixed)):
+        packet = getattr(getattr(torch.ops, namespace), name, None)  # None until the library is imported
+        if packet is not None:
+            formulas[packet] = formula
+    return formulas
+
+
+# torch counts the CUDA attention kernels; the CPU flash kernel (what SDPA runs here) is added, with the
+# grouped matmul of MoE experts, which torch has no formula for.
 _EXTRA_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+    aten._grouped_mm: _grouped_mm,
 }
 
 
@@ -48,6 +110,7 @@ def count_flops(gm: fx.GraphModule, example_inputs) -> tuple[int, int]:
 
     ``example_inputs`` may be real or fake tensors (for example the ``example_value`` metadata of the
     nodes that feed ``gm``); neither they nor ``gm``'s own weights are run on or modified (a fake copy is).
+    A kernel with no formula that reads a weight is estimated (:class:`_Estimates`), never counted as 0.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     args = [_fake_like(mode, v) for v in example_inputs]
@@ -55,12 +118,61 @@ def count_flops(gm: fx.GraphModule, example_inputs) -> tuple[int, int]:
         from torch._dynamo.utils import deepcopy_to_fake_tensor
 
         gm = deepcopy_to_fake_tensor(gm, mode)
-    with mode, FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    weights = [a for n, a in zip(placeholders, args) if isinstance(a, torch.Tensor) and gv.is_constant(n)]
+    weights += list(gm.parameters()) + list(gm.buffers())
+    formulas = {**_EXTRA_FORMULAS, **_library_formulas()}
+    with mode, FlopCounterMode(display=False, custom_mapping=formulas) as counter, \
+            _Estimates(set(counter.flop_registry), weights) as estimates:
         outputs = gm(*args)
-        forward = counter.get_total_flops()
+        forward = counter.get_total_flops() + estimates.flops
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         grads = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
         if grads:
             torch.autograd.backward(grads, [torch.ones_like(o) for o in grads])
-        total = counter.get_total_flops()
+        total = counter.get_total_flops() + estimates.flops
     return forward, total - forward
+
+
+class _Estimates(TorchDispatchMode):
+    """Kernels with no FLOP formula that read a weight (a ``torch.library`` op, a library's fused matmul):
+    estimated as ``2 x weight elements x rows``, the dense matmul of the weight with the rows of the
+    first floating-point input, and logged once per kernel. Weight-free kernels (a custom activation)
+    count 0, as torch's own pointwise ops do.
+    """
+
+    def __init__(self, registry: set, weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.registry, self.weights, self.flops = registry, {id(w) for w in weights}, 0
+
+    def _is_weight(self, t: torch.Tensor) -> bool:
+        while t is not None:
+            if id(t) in self.weights:
+                return True
+            t = t._base
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = getattr(func, "overloadpacket", None)
+        if packet is None or packet in self.registry or packet._qualified_op_name.split("::")[0] in _TORCH_NAMESPACES:
+            return out
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        weights = [t for t in tensors if t.dim() >= 2 and self._is_weight(t)]
+        data = [t for t in tensors if t.is_floating_point() and t.dim() >= 1 and not self._is_weight(t)]
+        if weights and data:
+            weight = max(weights, key=lambda t: t.numel())
+            rows = data[0].numel() // max(int(data[0].shape[-1]), 1)
+            estimate = 2 * int(weight.numel()) * int(rows)
+            self.flops += estimate
+            if packet not in _LOGGED:
+                _LOGGED.add(packet)
+                log.info("dropbp: no FLOP formula for %s, which reads a %s weight: counted as 2 x weight elements "
+                         "x rows (%d FLOPs here); register one with torch.utils.flop_counter.register_flop_formula",
+                         packet._qualified_op_name, tuple(weight.shape), estimate)
+        return out
+
+
+_TORCH_NAMESPACES = ("aten", "prims", "prim", "_c10d_functional", "c10d_functional", "profiler", "inductor")
+_LOGGED: set = set()

@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from passes import kernels
+
 aten = torch.ops.aten
 
 # ---------------------------------------------------------------------------
@@ -91,10 +93,14 @@ _COMPUTE_METHODS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm",
 
 
 def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
-    """A parametric-compute node: matmul/linear/conv/attention, or a module holding a >=2-D weight."""
+    """A parametric-compute node: matmul/linear/conv/attention, a module holding a >=2-D weight, or a kernel
+    the vocabulary cannot name (a higher-order op, a custom op) that reads a weight or whose body computes."""
     if node.op == "call_function":
-        return (node.target in _COMPUTE_FUNCTIONS or _packet(node.target) in _COMPUTE_ATEN
-                or _is_custom_op_on_weight(node))
+        if node.target in _COMPUTE_FUNCTIONS or _packet(node.target) in _COMPUTE_ATEN:
+            return True
+        if kernels.is_kernel(node):
+            return reads_weight(node) or kernels.body_computes(node, root, is_compute)
+        return False
     if node.op == "call_method":
         return node.target in _COMPUTE_METHODS
     if node.op == "call_module" and root is not None:
@@ -105,17 +111,15 @@ def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
     return False
 
 
-def _is_custom_op_on_weight(node: fx.Node) -> bool:
-    """A custom operator (``torch.ops.<namespace>.*`` outside aten/prims) that reads a >=2-D parameter,
-    directly or through a view/transpose: a library's own matmul kernel (transformers' MoE
-    ``grouped_mm_fallback``). Without this, an MoE block reads as parameter-free and goes ungated."""
-    packet = _packet(node.target) if isinstance(node.target, torch._ops.OpOverload) else node.target
-    if not isinstance(packet, torch._ops.OpOverloadPacket):
-        return False
-    if packet._qualified_op_name.split("::")[0] in ("aten", "prims", "_c10d_functional", "higher_order"):
-        return False
+def reads_weight(node: fx.Node) -> bool:
+    """Does ``node`` read a >=2-D parameter (or one of unknown shape), directly or through a few views?
+
+    Data flow, whatever the op: a library's matmul kernel (transformers' MoE ``grouped_mm_fallback``),
+    bitsandbytes' 4-bit matmul (an ``autograd.Function`` on a ``uint8`` ``Params4bit`` viewed ``(-1, 1)``),
+    a user's fused linear. A norm's 1-D weight is not one.
+    """
     for arg in node.all_input_nodes:
-        for _ in range(4):  # W, W.T, W.transpose(-2, -1).contiguous(), ...
+        for _ in range(4):  # W, W.T, W.transpose(-2, -1).contiguous(), W.view(-1, 1), ...
             if is_constant(arg) or arg.op not in ("call_method", "call_function") or len(arg.all_input_nodes) != 1:
                 break
             arg = arg.all_input_nodes[0]

@@ -26,10 +26,13 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
+from passes import kernels
+
 
 def outline(gm: fx.GraphModule, nodes: list[fx.Node], make_module: Callable[[fx.GraphModule], nn.Module],
             prefix: str, first: fx.Node | None = None, class_name: str = "Outlined") -> fx.Node:
     """Replace ``nodes`` (topologically ordered) by a call to ``make_module(sub_gm)``; returns the call node."""
+    nodes = _with_bodies(gm, nodes)
     members = set(nodes)
     sub_gm, inputs, outputs = fuse_as_graphmodule(gm, nodes, class_name, dict.fromkeys(nodes),
                                                   always_return_tuple=True)
@@ -58,6 +61,33 @@ def outline(gm: fx.GraphModule, nodes: list[fx.Node], make_module: Callable[[fx.
     for node in reversed(nodes):
         gm.graph.erase_node(node)
     return call
+
+
+def _with_bodies(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.Node]:
+    """The ``get_attr`` nodes of submodules the outlined nodes read (a higher-order op's bodies) go with them.
+
+    A body left outside would reach the piece as an argument, a module and not a tensor, which no inner
+    compiler takes (AOTAutograd: ``all flat_args must be KNOWN_TYPES``). A body also read outside the
+    outlined nodes gets a ``get_attr`` of its own for them.
+    """
+    members = set(nodes)
+    moved: list[fx.Node] = []
+    for node in nodes:
+        for attr in kernels.module_attrs(gm, node):
+            if attr in members:
+                continue
+            if all(user in members for user in attr.users):
+                moved.append(attr)
+                members.add(attr)
+                continue
+            with gm.graph.inserting_before(nodes[0]):
+                copy = gm.graph.get_attr(attr.target)
+            copy.meta = dict(attr.meta)
+            for user in [u for u in attr.users if u in members]:
+                user.replace_input_with(attr, copy)
+            moved.append(copy)
+            members.add(copy)
+    return moved + list(nodes) if moved else nodes
 
 
 def free_attr(gm: fx.GraphModule, prefix: str) -> str:

@@ -179,11 +179,14 @@ def _split_parallel(out: fx.Node, consumer: fx.Node, stream: fx.Node, dfg, root)
     data_users = [u for u in out.users if u not in dfg.graph["metadata"]]
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or len(data_users) != 1:
         return [(out, consumer)]
-    for term in (a, b):
-        nodes = gv.between(dfg, stream, term)
-        if not any(gv.is_compute(n, root) for n in nodes):
-            return [(out, consumer)]
+    paths = [gv.between(dfg, stream, term) for term in (a, b)]
+    if not all(any(gv.is_compute(n, root) for n in nodes) for nodes in paths):
+        return [(out, consumer)]
     if gv.reaches(dfg, a, b) or gv.reaches(dfg, b, a):
+        return [(out, consumer)]
+    if any(gv.is_compute(n, root) for n in paths[0] & paths[1]):
+        # the terms share compute: ``base(attn(x)) + lora(attn(x))`` (a 4-bit LoRA projection, which PEFT
+        # returns without a closing ``.to(dtype)``) is one branch ending in a LoRA add, not two parallel ones
         return [(out, consumer)]
     return _split_parallel(a, out, stream, dfg, root) + _split_parallel(b, out, stream, dfg, root)
 
