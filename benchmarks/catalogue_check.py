@@ -1,0 +1,395 @@
+"""The per-model check of the catalogue (``benchmarks/catalogue.py``): build one model type from its default
+config shrunk by :mod:`benchmarks.shrink`, train it 4 steps through ``torch.compile(backend="dropbp")`` and
+compare every step with the independent hook oracle of ``tests/oracle.py``.
+
+The oracle needs, for every gate, the module whose output is exactly the branch value (the oracle detaches
+it on the steps that gate was dropped). It is found from the gate name and one recorded eager forward,
+with plain PyTorch (nothing of dropbp's analysis): the gate's module (for a union ``p.{a,b}``: its first
+member to run), then, while the value it returned is the *only* tensor input of a later module (and has not
+been changed in place), that module -- a sandwich post-norm (Gemma2, OLMo2), BERT's output dense and
+dropout. A union whose members are not all on that chain, a gate that is not a module path, or a module
+that runs more than once per forward: "oracle cannot map gate" (the gradients of the steps that dropped
+no such gate are still checked).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+import dropbp_fx
+from benchmarks.shrink import VOCAB, shrink
+from tests.oracle import assert_same_grads, detached, grads
+
+MAPPINGS = {  # flag -> (transformers mapping, Auto class)
+    "causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    "masked-lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+    "seq2seq-lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
+    "image-classification": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
+}
+STEPS = 4
+DROP_RATE = 0.5
+SEQ = 16
+RTOL, ATOL = 1e-4, 1e-5
+# statuses, worst first; the first four are dropbp failures
+FAILURES = ("WRONG GRADIENT", "wrong forward", "fail", "no gates (silent)")
+STATUSES = FAILURES + ("crash", "timeout", "oracle cannot map gate", "warned (no gates)", "baseline-fails",
+                       "unbuildable", "pass")
+
+
+@dataclass
+class Record:
+    mapping: str
+    type: str
+    inner: str
+    status: str = "pass"
+    reason: str = ""
+    gates: int = 0
+    layers: int = 0
+    gates_per_layer: float | None = None
+    drop_fraction: float | None = None
+    checked_steps: int = 0  # steps whose gradients were compared with the oracle
+    seconds: float = 0.0
+    attn: str = ""
+    gate_names: list = field(default_factory=list)
+    oracle: dict = field(default_factory=dict)  # gate -> the module the oracle detaches, where they differ
+    warnings: list = field(default_factory=list)
+    dropbp_reason: str = ""  # for baseline-fails: what dropbp did
+    date: str = ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's type and first line (and the next, where the first only introduces it)."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    shown = " ".join(text[:2]) if len(text) > 1 and text[0].endswith(":") else (text[0] if text else "")
+    return f"{type(exc).__name__}: {shown}"[:300]
+
+
+# ----------------------------------------------------------------------------------------- building
+def model_types(mapping: str) -> list[str]:
+    from transformers.models.auto import modeling_auto
+
+    return sorted(getattr(modeling_auto, MAPPINGS[mapping][0]))
+
+
+def build(model_type: str, mapping: str):
+    """The shrunk model (fp32, train mode, seed 0) and the attention implementation it got."""
+    import transformers
+
+    from transformers.models.auto import modeling_auto
+
+    config = shrink(transformers.AutoConfig.for_model(model_type))
+    if mapping == "causal-lm":
+        config.is_decoder = True  # what a causal LM head is for (BERT-style and Reformer heads ask for it)
+    if mapping == "seq2seq-lm":  # shifting the labels right needs both
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = 0
+        if getattr(config, "decoder_start_token_id", None) is None:
+            config.decoder_start_token_id = config.pad_token_id
+    name = getattr(modeling_auto, MAPPINGS[mapping][0])[model_type]
+    cls = getattr(transformers, name[0] if isinstance(name, (tuple, list)) else name)
+    if not isinstance(config, cls.config_class):  # MusicgenForCausalLM takes the decoder part of MusicgenConfig
+        config = next((v for v in vars(config).values() if isinstance(v, cls.config_class)), config)
+    for attn in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        try:
+            model = cls._from_config(config, attn_implementation=attn)
+            break
+        except (ValueError, NotImplementedError):  # no sdpa for this architecture: eager
+            if attn == "eager":
+                raise
+    return model.float().train(), attn
+
+
+def batch_fn(model: nn.Module, mapping: str):
+    config = model.config
+    if mapping == "image-classification":
+        vision = getattr(config, "vision_config", None) or config
+        channels = getattr(config, "num_channels", None) or getattr(vision, "num_channels", None) or 3
+        size = getattr(vision, "image_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+
+        def images(seed):
+            g = torch.Generator().manual_seed(seed)
+            return {"pixel_values": torch.randn(2, channels, size, size, generator=g),
+                    "labels": torch.randint(0, config.num_labels, (2,), generator=g)}
+        return images
+
+    def tokens(seed, length=SEQ):
+        return torch.randint(3, VOCAB - 16, (2, length), generator=torch.Generator().manual_seed(seed))
+
+    if mapping == "seq2seq-lm":
+        return lambda seed: {"input_ids": tokens(seed), "labels": tokens(seed + 100)}
+    return lambda seed: {"input_ids": tokens(seed), "labels": tokens(seed)}
+
+
+def loss_of(out) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise RuntimeError(f"the model returned no loss ({type(out).__name__})")
+    return loss
+
+
+def output_of(out) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return next(t for t in tree_flatten(out.to_tuple() if hasattr(out, "to_tuple") else out)[0]
+                if isinstance(t, torch.Tensor))
+
+
+def sanity(model: nn.Module, batches) -> None:
+    """Eager training steps work and are deterministic (no randomness left in train mode)."""
+    losses = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        loss = loss_of(model(**batches(0)))
+        loss.backward()
+        losses.append(loss.detach())
+    model.zero_grad(set_to_none=True)
+    if not torch.isfinite(losses[0]):
+        raise RuntimeError(f"eager loss is {losses[0].item()}")
+    if not torch.equal(losses[0], losses[1]):
+        raise RuntimeError("eager forward is not deterministic in train mode (randomness the rule did not zero)")
+
+
+# ----------------------------------------------------------------------------------------- the oracle
+@dataclass
+class Call:
+    path: str
+    pre: int
+    post: int = -1
+    inputs: list = field(default_factory=list)  # (tensor, version)
+    out: object = None
+    out_version: int = -1
+
+
+def record_calls(model: nn.Module, batch: dict) -> list[Call]:
+    """Every module call of one eager forward: order, tensor inputs, first tensor output (kept alive)."""
+    names = {m: n for n, m in model.named_modules()}
+    calls, open_calls, clock, handles = [], {}, [0], []
+
+    def pre(mod, args, kwargs):
+        clock[0] += 1
+        call = Call(names[mod], clock[0])
+        call.inputs = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        open_calls.setdefault(mod, []).append(call)
+        calls.append(call)
+
+    def post(mod, args, kwargs, out):
+        clock[0] += 1
+        call = open_calls[mod].pop()
+        call.post = clock[0]
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if tensors:
+            call.out, call.out_version = tensors[0], tensors[0]._version
+
+    for mod in names:
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _members(gate: str) -> list[str]:
+    m = re.fullmatch(r"(?:(.*)\.)?\{([^{}]*)\}", gate)
+    if not m:
+        return [gate]
+    prefix = f"{m.group(1)}." if m.group(1) else ""
+    return [prefix + part for part in m.group(2).split(",")]
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: set[str]) -> tuple[str | None, str]:
+    """(module path to detach, "") or (None, why the oracle cannot map this gate)."""
+    members = _members(gate)
+    missing = [m for m in members if m not in modules]
+    if missing:
+        return None, f"gate {gate!r}: {missing[0]!r} is not a module path"
+    by_path = {m: [c for c in calls if c.path == m] for m in members}
+    for m, cs in by_path.items():
+        if len(cs) != 1:
+            return None, f"gate {gate!r}: module {m!r} runs {len(cs)} times per forward"
+    ran = sorted((cs[0] for cs in by_path.values()), key=lambda c: c.pre)
+    chain, why = _chain(ran[0], calls, with_params)
+    on_chain = [c.path for c in chain]
+    if all(any(p == m or p.startswith(m + ".") for p in on_chain) for m in members):
+        return (None, f"gate {gate!r}: {why}") if why else (on_chain[-1], "")
+    # a union whose members meet through functional ops (Bloom's attention: qkv -> ... -> dense): the value
+    # of the last member to run, when every other member had finished before it started
+    if all(c.post < ran[-1].pre for c in ran[:-1]):
+        chain, why = _chain(ran[-1], calls, with_params)
+        return (None, f"gate {gate!r}: {why}") if why else (chain[-1].path, "")
+    return None, f"gate {gate!r}: {members[-1]!r} is neither on the module chain {' -> '.join(on_chain)} nor after it"
+
+
+def _chain(start: Call, calls: list[Call], params: set[str]) -> tuple[list[Call], str]:
+    """``start``, then each later module whose only tensor input is the previous one's (unchanged) output;
+    and why the oracle cannot use it ("" if it can). A module that runs more than once per forward (a shared
+    dropout) ends the chain before it; one with parameters makes it unusable (detaching it detaches every call)."""
+    chain = [start]
+    while chain[-1].out is not None:
+        cur = chain[-1]
+        nxt = next((c for c in calls if c.pre > cur.post and len(c.inputs) == 1 and c.inputs[0][0] is cur.out
+                    and c.inputs[0][1] == cur.out_version and not _related(c.path, cur.path)), None)
+        if nxt is None:
+            break
+        if sum(c.path == nxt.path for c in calls) > 1:
+            if nxt.path in params:
+                return chain, f"the branch continues into {nxt.path!r}, which has parameters and runs more than once"
+            break
+        chain.append(nxt)
+    return chain, ""
+
+
+def count_layers(calls: list[Call], model: nn.Module) -> int:
+    """Repeated blocks that ran: children of a ModuleList whose class name ends in Layer or Block."""
+    lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    ran = {c.path for c in calls}
+    return sum(1 for n, m in model.named_modules() if n in ran and n.rpartition(".")[0] in lists
+               and re.search(r"(layer|block)$", type(m).__name__, re.I))
+
+
+# ----------------------------------------------------------------------------------------- the check
+def _train(model, oracle, batches, inner: str, rec: Record, seed: int) -> None:
+    """Four steps, each checked; sets rec.status / rec.reason (raises what dropbp raised)."""
+    compiled = torch.compile(model, backend="dropbp", options={"drop_rate": DROP_RATE, "inner": inner, "seed": seed})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    targets, unmapped, dropped_total = {}, {}, 0
+    for step in range(STEPS):
+        batch = batches(step)
+        model.zero_grad(set_to_none=True)
+        out = compiled(**batch)
+        loss_of(out).backward()
+        try:
+            dbp = dropbp_fx.get_dropbp(compiled)
+        except LookupError:
+            rec.status, rec.reason = "no gates (silent)", "the dropbp backend was never called (Dynamo compiled no graph)"
+            return
+        if step == 0:
+            rec.gate_names = list(dbp.gate_names)
+            rec.gates = len(rec.gate_names)
+            calls = record_calls(oracle, batch)
+            rec.layers = count_layers(calls, oracle)
+            rec.gates_per_layer = round(rec.gates / rec.layers, 2) if rec.layers else None
+            modules = {n for n, _ in oracle.named_modules()}
+            with_params = {n for n, m in oracle.named_modules() if any(True for _ in m.parameters())}
+            for g in rec.gate_names:
+                target, why = oracle_target(g, calls, modules, with_params)
+                if target is None:
+                    unmapped[g] = why
+                else:
+                    targets[g] = target
+            rec.oracle = {g: t for g, t in targets.items() if t != g}
+        dropped = [g for g, d in dbp.last_mask.items() if d]
+        dropped_total += len(dropped)
+        oracle.zero_grad(set_to_none=True)
+        checkable = not any(g in unmapped for g in dropped)
+        with detached(oracle, [targets[g] for g in dropped if g in targets]):
+            ref = oracle(**batch)
+        loss_of(ref).backward()
+        try:
+            torch.testing.assert_close(output_of(out), output_of(ref), rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(loss_of(out), loss_of(ref), rtol=RTOL, atol=ATOL)
+        except AssertionError as exc:
+            rec.status, rec.reason = "wrong forward", f"step {step}: " + " ".join(str(exc).split())[:300]
+            return
+        if checkable:
+            try:
+                assert_same_grads(grads(model), grads(oracle), rtol=RTOL, atol=ATOL)
+                rec.checked_steps += 1
+            except AssertionError as exc:
+                rec.status = "WRONG GRADIENT"
+                rec.reason = f"step {step}, dropped {dropped}: " + " ".join(str(exc).split())[:300]
+                return
+        opt.step()  # the oracle continues from the compiled model's updated parameters (checked or not)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), oracle.parameters()):
+                q.copy_(p)
+    rec.drop_fraction = round(dropped_total / (rec.gates * STEPS), 3) if rec.gates else 0.0
+    if not rec.gates:
+        rec.status = "warned (no gates)" if rec.warnings else "no gates (silent)"
+        rec.reason = rec.warnings[0] if rec.warnings else "no gate and no DropBPWarning"
+    elif unmapped:
+        rec.status, rec.reason = "oracle cannot map gate", next(iter(unmapped.values()))
+
+
+def baseline(model_type: str, mapping: str, backend: str) -> str:
+    """Plain ``torch.compile(model, backend=...)``: "" when it trains 2 steps with the eager model's
+    forward and gradients, else why not."""
+    torch._dynamo.reset()
+    model, _ = build(model_type, mapping)
+    batches = batch_fn(model, mapping)
+    ref_model = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=backend)
+    try:
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            ref_model.zero_grad(set_to_none=True)
+            out = compiled(**batches(step))
+            loss_of(out).backward()
+            ref = ref_model(**batches(step))
+            loss_of(ref).backward()
+            torch.testing.assert_close(output_of(out), output_of(ref), rtol=RTOL, atol=ATOL)
+            assert_same_grads(grads(model), grads(ref_model), rtol=RTOL, atol=ATOL)
+    except Exception as exc:  # noqa: BLE001 - any failure of the plain compile is the answer
+        return f"plain torch.compile(backend={backend!r}): " + " ".join(first_line(exc).split())[:300]
+    return ""
+
+
+def check(model_type: str, mapping: str = "causal-lm", inner: str = "inductor", seed: int = 1,
+          run_baseline: bool = True) -> Record:
+    """The catalogue's check of one model type (never raises)."""
+    rec = Record(mapping, model_type, inner, date=time.strftime("%Y-%m-%d"))
+    start = time.perf_counter()
+    try:
+        model, rec.attn = build(model_type, mapping)
+        batches = batch_fn(model, mapping)
+        sanity(model, batches)
+    except Exception as exc:  # noqa: BLE001 - whatever the rule cannot build is listed, with the reason
+        rec.status, rec.reason = "unbuildable", first_line(exc)
+        rec.seconds = round(time.perf_counter() - start, 1)
+        return rec
+    oracle = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", dropbp_fx.DropBPWarning)
+        try:
+            _train(model, oracle, batches, inner, rec, seed)
+        except Exception as exc:  # noqa: BLE001
+            rec.status, rec.reason = "fail", first_line(exc)
+            rec.dropbp_reason = "".join(traceback.format_exception(exc)[-3:])[-1500:]
+        finally:
+            msgs = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, dropbp_fx.DropBPWarning)]
+            rec.warnings = list(dict.fromkeys(msgs))
+    if not rec.gates and rec.status in ("no gates (silent)",) and rec.warnings:
+        rec.status, rec.reason = "warned (no gates)", rec.warnings[0]
+    if run_baseline and rec.status in ("fail", "wrong forward", "WRONG GRADIENT"):
+        backends = ["aot_eager"] + ([inner] if inner not in ("eager", "aot_eager") else [])
+        for backend in backends:
+            why = baseline(model_type, mapping, backend)
+            if why:
+                rec.dropbp_reason = f"{rec.status}: {rec.reason}"
+                rec.status, rec.reason = "baseline-fails", why
+                break
+    rec.seconds = round(time.perf_counter() - start, 1)
+    return rec
+
+
+def as_dict(rec: Record) -> dict:
+    return asdict(rec)
