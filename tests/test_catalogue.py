@@ -1,0 +1,146 @@
+"""The model catalogue (``python -m benchmarks.catalogue``) in CI: the generic shrink rule, the oracle's
+gate -> module mapping, the report, and the per-model check on a fixed set of types (llama, mixtral, bloom)
+plus 2 types that rotate with the date, under the aot_eager inner compiler (about a minute on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from benchmarks import catalogue  # noqa: E402
+from benchmarks.catalogue_check import check, model_types, oracle_target, record_calls  # noqa: E402
+from benchmarks.shrink import HIDDEN, LAYERS, VOCAB, classify, shrink  # noqa: E402
+
+INNER = "aot_eager"
+FIXED = ("llama", "mixtral", "bloom")
+# type -> the reason recorded in benchmarks/results/catalogue.json, for fixed types that fail today
+KNOWN_FAILING: dict[str, str] = {}
+ROTATING = 2
+
+
+# ----------------------------------------------------------------------------------------- the shrink rule
+def test_shrink_llama():
+    c = shrink(transformers.AutoConfig.for_model("llama"))
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (LAYERS, HIDDEN, 128)
+    assert (c.num_attention_heads, c.head_dim, c.vocab_size) == (4, 16, VOCAB)
+    assert c.num_attention_heads % c.num_key_value_heads == 0
+    assert c.max_position_embeddings <= 128 and c.dtype == torch.float32
+
+
+def test_shrink_keeps_grouped_query_attention_and_token_ids_below_vocab():
+    c = shrink(transformers.AutoConfig.for_model("mistral"))  # 32 heads, 8 KV heads
+    assert (c.num_attention_heads, c.num_key_value_heads) == (4, 2)
+    g = shrink(transformers.AutoConfig.for_model("gpt2"))  # bos = eos = 50256
+    assert (g.n_layer, g.n_embd, g.vocab_size) == (LAYERS, HIDDEN, VOCAB)
+    assert g.bos_token_id < VOCAB and g.eos_token_id < VOCAB
+
+
+def test_shrink_per_layer_lists_keep_both_kinds():
+    c = shrink(transformers.AutoConfig.for_model("gemma3_text"))  # 5 sliding layers, then a full one, repeated
+    assert len(c.layer_types) == LAYERS and set(c.layer_types) == {"sliding_attention", "full_attention"}
+    m = shrink(transformers.AutoConfig.for_model("mixtral"))
+    assert (m.num_local_experts, m.num_experts_per_tok) == (4, 2)
+
+
+def test_shrink_nested_sub_configs():
+    c = shrink(transformers.AutoConfig.for_model("gemma3"))
+    assert (c.text_config.num_hidden_layers, c.text_config.hidden_size) == (LAYERS, HIDDEN)
+    assert (c.vision_config.num_hidden_layers, c.vision_config.image_size) == (LAYERS, 32)
+    assert c.vision_config.image_size % c.vision_config.patch_size == 0
+    t = shrink(transformers.AutoConfig.for_model("t5"))
+    assert (t.num_layers, t.num_decoder_layers, t.d_model, t.d_kv, t.dropout_rate) == (LAYERS, LAYERS, HIDDEN, 16, 0.0)
+
+
+def test_classify_names():
+    assert [classify(n) for n in ("num_hidden_layers", "n_layer", "decoder_layers", "hidden_size", "d_model",
+                                  "num_key_value_heads", "attention_dropout", "layer_norm_eps")] == \
+        ["layers", "layers", "layers", "hidden", "hidden", "kv_heads", "zero", None]
+
+
+# ----------------------------------------------------------------------------------------- the oracle's mapping
+class Block(nn.Module):
+    """x + post_norm(attn(x)), then x + fc2(act(fc1(x))) through a dropout shared by both branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.post_norm = nn.Linear(8, 8), nn.LayerNorm(8)
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        x = x + self.drop(self.post_norm(self.attn(x)))
+        return x + self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_oracle_target_follows_post_norms_and_unions():
+    net = Net()
+    calls = record_calls(net, {"x": torch.randn(2, 8)})
+    modules = {n for n, _ in net.named_modules()}
+    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
+    # the post-norm belongs to the branch; the shared dropout (twice per forward, no parameters) ends the chain
+    assert oracle_target("block.attn", calls, modules, params) == ("block.post_norm", "")
+    assert oracle_target("block.{fc1,fc2}", calls, modules, params) == ("block.fc2", "")
+    assert oracle_target("block.{b,c}", calls, modules, params)[0] is None  # not module paths
+    assert oracle_target("block.drop", calls, modules, params)[0] is None  # runs twice
+
+
+# ----------------------------------------------------------------------------------------- the report
+def test_render_counts_and_groups():
+    rec = dict(mapping="causal-lm", inner=INNER, gates=4, gates_per_layer=2.0, drop_fraction=0.5, seconds=3.0,
+               reason="")
+    data = {"meta": {"date": "d", "torch": "t", "transformers": "x", "command": "c"}, "multi": {}, "results": {
+        "causal-lm/a": {**rec, "type": "a", "status": "pass"},
+        "causal-lm/b": {**rec, "type": "b", "status": "WRONG GRADIENT", "reason": "step 1, dropped ['x']: w: bad 3"},
+        "causal-lm/c": {**rec, "type": "c", "status": "WRONG GRADIENT", "reason": "step 0, dropped ['y']: w: bad 7"},
+        "causal-lm/d": {**rec, "type": "d", "status": "unbuildable", "reason": "ValueError: no"}}}
+    text = catalogue.render(data)
+    assert "**1 of 3 buildable causal-lm types pass**" in text
+    assert "| WRONG GRADIENT | w: bad N | b, c |" in text
+
+
+# ----------------------------------------------------------------------------------------- the per-model check
+def _rotating() -> list[str]:
+    """2 causal-LM types, rotating with the day of the year: from those the last sweep built in under 60 s."""
+    path = catalogue.JSON_PATH
+    pool = [t for t in model_types("causal-lm") if t not in FIXED]
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)["results"]
+        recorded = [r["type"] for k, r in sorted(results.items()) if k.startswith("causal-lm/") and r["type"] in pool
+                    and r["status"] not in ("unbuildable", "timeout", "crash") and r["seconds"] < 60]
+        pool = recorded or pool
+    day = datetime.date.today().timetuple().tm_yday
+    return [pool[(day * ROTATING + i) % len(pool)] for i in range(ROTATING)]
+
+
+@pytest.mark.parametrize("model_type", FIXED)
+def test_fixed_types(model_type):
+    if model_type in KNOWN_FAILING:
+        pytest.xfail(KNOWN_FAILING[model_type])
+    rec = check(model_type, "causal-lm", INNER, run_baseline=False)
+    assert rec.status == "pass", f"{rec.status}: {rec.reason}"
+    assert rec.gates == 2 * rec.layers and rec.checked_steps == 4
+
+
+@pytest.mark.parametrize("index", range(ROTATING))
+def test_rotating_types(index):
+    model_type = _rotating()[index]
+    rec = check(model_type, "causal-lm", INNER, run_baseline=False)
+    assert rec.status not in ("WRONG GRADIENT", "wrong forward"), f"{model_type}: {rec.status}: {rec.reason}"
