@@ -94,11 +94,12 @@ def test_oracle_target_follows_post_norms_and_unions():
     calls = record_calls(net, {"x": torch.randn(2, 8)})
     modules = {n for n, _ in net.named_modules()}
     params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
+    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
     # the post-norm belongs to the branch; the shared dropout (twice per forward, no parameters) ends the chain
-    assert oracle_target("block.attn", calls, modules, params) == ("block.post_norm", "")
-    assert oracle_target("block.{fc1,fc2}", calls, modules, params) == ("block.fc2", "")
-    assert oracle_target("block.{b,c}", calls, modules, params)[0] is None  # not module paths
-    assert oracle_target("block.drop", calls, modules, params)[0] is None  # runs twice
+    assert oracle_target("block.attn", calls, modules, params, leaves) == ("block.post_norm", "")
+    assert oracle_target("block.{fc1,fc2}", calls, modules, params, leaves) == ("block.fc2", "")
+    assert oracle_target("block.{b,c}", calls, modules, params, leaves)[0] is None  # not module paths
+    assert oracle_target("block.drop", calls, modules, params, leaves)[0] is None  # runs twice
 
 
 # ----------------------------------------------------------------------------------------- the report
