@@ -99,7 +99,7 @@ def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
         if node.target in _COMPUTE_FUNCTIONS or _packet(node.target) in _COMPUTE_ATEN:
             return True
         if kernels.is_kernel(node):
-            return reads_weight(node) or kernels.body_computes(node, root, is_compute)
+            return reads_weight(node, root) or kernels.body_computes(node, root, is_compute)
         return False
     if node.op == "call_method":
         return node.target in _COMPUTE_METHODS
@@ -111,7 +111,7 @@ def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
     return False
 
 
-def reads_weight(node: fx.Node) -> bool:
+def reads_weight(node: fx.Node, root: nn.Module | None = None) -> bool:
     """Does ``node`` read a >=2-D parameter (or one of unknown shape), directly or through a few views?
 
     Data flow, whatever the op: a library's matmul kernel (transformers' MoE ``grouped_mm_fallback``),
@@ -123,7 +123,7 @@ def reads_weight(node: fx.Node) -> bool:
             if is_constant(arg) or arg.op not in ("call_method", "call_function") or len(arg.all_input_nodes) != 1:
                 break
             arg = arg.all_input_nodes[0]
-        if is_constant(arg):
+        if is_constant(arg) and not kernels.is_body(arg, root):
             value = _meta_value(arg)
             if not isinstance(value, torch.Tensor) or value.dim() >= 2:
                 return True
@@ -240,7 +240,7 @@ def constant_leaves(node: fx.Node) -> list[fx.Node]:
     """The parameters/buffers a constant-derived value (``W``, ``W.T``, ``W.view(...)``) is made of."""
     if is_constant(node):
         return [node]
-    return [leaf for arg in node.all_input_nodes for leaf in constant_leaves(arg)]
+    return [leaf for arg in node.all_input_nodes if not is_shape_query(arg) for leaf in constant_leaves(arg)]
 
 
 def node_weight(node: fx.Node, root: nn.Module | None, constants: set[fx.Node]) -> int:
@@ -256,11 +256,13 @@ def node_weight(node: fx.Node, root: nn.Module | None, constants: set[fx.Node]) 
 # the data-flow graph
 # ---------------------------------------------------------------------------
 def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Parameters, buffers, and values computed from them alone (``W.T``, ``bias.view(1, -1)``)."""
+    """Parameters, buffers, and values computed from them alone (``W.T``, ``bias.view(1, -1)``), or from them
+    and the metadata of other tensors (a quantized weight dequantized as ``Wq.to(x.dtype) * scale``)."""
     constants: set[fx.Node] = set()
     for node in graph.nodes:
         inputs = node.all_input_nodes
-        if is_constant(node) or (node.op.startswith("call") and inputs and all(a in constants for a in inputs)):
+        if is_constant(node) or (node.op.startswith("call") and any(a in constants for a in inputs)
+                                 and all(a in constants or is_shape_query(a) for a in inputs)):
             constants.add(node)
     return constants
 

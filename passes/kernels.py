@@ -86,6 +86,11 @@ def body_computes(node: fx.Node, root: nn.Module | None, is_compute: Callable[[f
     return any(is_compute(n, body) for body in bodies(node, root) for n in body.graph.nodes)
 
 
+def is_body(node: fx.Node, root: nn.Module | None) -> bool:
+    """A ``get_attr`` of a submodule (a higher-order op's body), not of a tensor."""
+    return node.op == "get_attr" and root is not None and isinstance(_attr(root, node.target), nn.Module)
+
+
 def module_attrs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The ``get_attr`` inputs of ``node`` that name a submodule (a higher-order op's bodies).
 
@@ -93,7 +98,7 @@ def module_attrs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     compiled piece as an argument is not a tensor, and AOTAutograd refuses it
     (``all flat_args must be KNOWN_TYPES``).
     """
-    return [a for a in node.all_input_nodes if a.op == "get_attr" and isinstance(_attr(gm, a.target), nn.Module)]
+    return [a for a in node.all_input_nodes if is_body(a, gm)]
 
 
 def _attr(root: nn.Module, target: str):

@@ -24,6 +24,12 @@ spelling (``+``, ``+=``, ``torch.add(alpha=)``, ``Tensor.add``, a skip through a
 cast), attention branches that also return their k and v (side outputs). Decoy adds that must not be detected: RoPE, ``var + eps``, bias
 adds, position embeddings, ``arange + offset``, attention mask / position-bias adds,
 tied-weight sums and a parameter-free ``x + relu(x) * 0.5``.
+
+Opaque kernels (body ``kernel``): the branch's layers run through a hand-written ``autograd.Function``
+(with and without ``once_differentiable``), a ``torch.library`` custom op with a registered autograd
+formula, or a frozen quantized-style weight (``uint8`` storage and a scale, dequantized inside an
+``autograd.Function``, as bitsandbytes' 4-bit matmul does): the analysis must see them as parametric
+compute from data flow alone.
 """
 
 from __future__ import annotations
@@ -91,9 +97,10 @@ def plain_add(spelling: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BranchSpec:
-    """One residual branch. ``body``: single | mlp | func | attn | nested."""
+    """One residual branch. ``body``: single | mlp | func | attn | nested | kernel."""
 
     body: str = "mlp"
+    kernel: str = "fn"  # kernel body: fn | fn_once | op | quant (see ``KERNELS``)
     hidden: int = 8
     norm: str = "ln"  # ln | rms (a functional RMSNorm: ``var + eps`` decoy)
     style: str = "pre"  # pre | post | sandwich
@@ -198,6 +205,107 @@ def rotate_half(q):
     return torch.cat([-q[..., half:], q[..., :half]], dim=-1)
 
 
+# ---------------------------------------------------------------------------
+# opaque kernels
+# ---------------------------------------------------------------------------
+def linear_grads(x, w, grad):
+    """Gradients of ``x @ w.T + b`` for ``x``, ``w`` and ``b``."""
+    rows = grad.reshape(-1, grad.shape[-1])
+    return grad @ w, rows.T @ x.reshape(-1, x.shape[-1]), rows.sum(0)
+
+
+class LinearFn(torch.autograd.Function):
+    """``x @ w.T + b`` as a user's ``autograd.Function`` (Liger / Unsloth style)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return x @ w.T + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return linear_grads(x, w, grad)
+
+
+class LinearFnOnce(torch.autograd.Function):
+    """The same with a ``once_differentiable`` backward (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return x @ w.T + b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return linear_grads(x, w, grad)
+
+
+@torch.library.custom_op("dropbp_tests::linear", mutates_args=())
+def custom_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A ``torch.library`` custom op: opaque to Dynamo and to the FLOP counter (no formula registered)."""
+    return x @ w.T + b
+
+
+@custom_linear.register_fake
+def _(x, w, b):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _custom_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _custom_linear_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    return linear_grads(x, w, grad)
+
+
+custom_linear.register_autograd(_custom_linear_backward, setup_context=_custom_linear_setup)
+
+
+class DequantLinearFn(torch.autograd.Function):
+    """``x @ dequant(Wq).T`` with a frozen ``uint8`` weight: gradient for ``x`` only (bitsandbytes' 4-bit path)."""
+
+    @staticmethod
+    def forward(ctx, x, wq, scale):
+        w = (wq.to(x.dtype) - 128.0) * scale[:, None]
+        ctx.save_for_backward(wq, scale)
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        wq, scale = ctx.saved_tensors
+        return grad @ ((wq.to(grad.dtype) - 128.0) * scale[:, None]), None, None
+
+
+class KernelLinear(nn.Module):
+    """One layer through an opaque kernel; ``quant``: a frozen ``uint8`` weight plus a trainable bias."""
+
+    def __init__(self, kind: str, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.kind = kind
+        w = torch.randn(d_out, d_in) / math.sqrt(d_in)
+        if kind == "quant":
+            scale = w.abs().amax(1) / 127.0
+            self.wq = nn.Parameter((w / scale[:, None]).round().add(128).to(torch.uint8), requires_grad=False)
+            self.scale = nn.Parameter(scale, requires_grad=False)
+        else:
+            self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(0.1 * torch.randn(d_out))
+
+    def forward(self, x):
+        if self.kind == "quant":
+            return DequantLinearFn.apply(x, self.wq, self.scale) + self.bias
+        fn = {"fn": LinearFn.apply, "fn_once": LinearFnOnce.apply, "op": custom_linear}[self.kind]
+        return fn(x, self.weight, self.bias)
+
+
+KERNELS = ("fn", "fn_once", "op", "quant")
+
+
 class Branch(nn.Module):
     """A residual branch as a module of its own: ``gamma * norm_out(body(norm_in(x)))``."""
 
@@ -230,6 +338,9 @@ class Branch(nn.Module):
                 self.register_buffer("mask_buf", torch.randn(T, T))
             elif spec.mask == "bias":
                 self.pos_bias = nn.Parameter(torch.randn(T, T))
+        elif body == "kernel":
+            self.k1 = KernelLinear(spec.kernel, d_in, h)
+            self.k2 = KernelLinear(spec.kernel, h, d_out)
         elif body == "nested":
             self.fc_in = nn.Linear(d_in, h)
             self.inner = Branch(spec.inner, h, h, norm_in=True, norm_out=False)
@@ -257,6 +368,8 @@ class Branch(nn.Module):
         elif spec.body == "func":
             h = torch.tanh(x @ self.w1.T + self.b1)
             y = h @ self.w2.T + self.b2
+        elif spec.body == "kernel":
+            y = self.k2(F.gelu(self.k1(x)))
         elif spec.body == "attn":
             y = self._attention(x, mask)
             if spec.cache:
@@ -500,7 +613,7 @@ norms = st.sampled_from(["ln", "rms"])
 
 
 @st.composite
-def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested"), nest_depth=0, styles=("pre", "post",
+def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested", "kernel"), nest_depth=0, styles=("pre", "post",
                  "sandwich"), flat_ok=True) -> BranchSpec:
     allowed = [b for b in bodies if b != "nested" or nest_depth < 2]
     body = draw(st.sampled_from(allowed))
@@ -514,6 +627,7 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested"), ne
         add=draw(st.sampled_from(ADDS)),
         skip_first=draw(st.booleans()),
         relu_half=body == "mlp" and draw(st.booleans()),
+        kernel=draw(st.sampled_from(KERNELS)) if body == "kernel" else "fn",
     )
     if not spec.flat:
         spec = replace(spec, layer_scale=draw(st.booleans()))
@@ -536,7 +650,7 @@ def block_specs(draw) -> BlockSpec:
         return BlockSpec("seq", branches, after=after)
     if kind == "parallel":
         # both terms at least two compute layers deep: a single-Linear term next to a deeper one
-        bodies = ("mlp", "func", "attn", "nested", "single")
+        bodies = ("mlp", "func", "attn", "nested", "single", "kernel")
         terms = st.builds(lambda s: replace(s, style="pre", norm_in_block=False),
                           branch_specs(bodies=bodies, flat_ok=False))
         f, g = draw(terms), draw(terms)
@@ -544,7 +658,7 @@ def block_specs(draw) -> BlockSpec:
                          shared_ln=draw(st.booleans()), sum_add=draw(st.sampled_from(SUM_ADDS)), after=after)
     # projection: f = mlp or nested (>= 2 Linear layers, heavier than proj), proj = one Linear.
     # style "pre": f starts with its own norm; "post": it does not (the block may end in a norm: post_norm).
-    bodies = ("mlp", "nested", "func")
+    bodies = ("mlp", "nested", "func", "kernel")
     f = draw(branch_specs(bodies=bodies, styles=("pre", "post"), flat_ok=False))
     f = replace(f, hidden=max(f.hidden, 8))
     return BlockSpec("projection", (f,), d_out=draw(widths), post_norm=draw(st.booleans()), after=after)

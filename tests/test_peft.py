@@ -94,23 +94,62 @@ def test_lora_gates_and_oracle_gradients(arch):
     assert base_gates == [f"{layers}.{i}.{s}" for i in range(3) for s in suffixes]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA (bitsandbytes 4-bit) needs a CUDA GPU")
-def test_qlora_4bit_base_oracle_gradients():
-    """The same check with a 4-bit (NF4) base model, where a GPU and bitsandbytes are at hand."""
-    bnb = pytest.importorskip("bitsandbytes")  # noqa: F841
+def _qlora(device: str = "cpu"):
+    """The LLaMA above saved and loaded back with a 4-bit NF4 base (bitsandbytes runs NF4 on CPU), then
+    LoRA on all seven projections. ``train()`` matters on CPU: bitsandbytes repacks 4-bit weights for its
+    CPU kernel in eval mode, which Dynamo cannot trace."""
+    pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
-    model = _llama().cuda()
+    compute = torch.float32 if device == "cpu" else torch.bfloat16
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.LlamaForCausalLM.from_pretrained(_saved(model), quantization_config=quant,
-                                                          device_map={"": 0})
+                                            bnb_4bit_compute_dtype=compute)
+    model = transformers.LlamaForCausalLM.from_pretrained(_saved(_llama()), quantization_config=quant,
+                                                          device_map=device if device == "cpu" else {"": 0})
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=CASES["llama"][1], lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
+def test_qlora_4bit_base_gates_and_oracle_gradients(inner):
+    """A 4-bit base: each projection is bitsandbytes' ``autograd.Function`` (Dynamo's
+    ``autograd_function_apply``) reading a packed ``uint8`` weight. The residual branches are gated, not the
+    LoRA adds beside the 4-bit projections, and the adapters get the oracle's gradients."""
+    model = _qlora()
     oracle = copy.deepcopy(model)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=11, inner="eager")
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=11, inner=inner)
+    compiled = torch.compile(model, backend=dbp)
+    mixed = 0
+    for step in range(4):
+        batch = _batch(step)
+        model.zero_grad(set_to_none=True)
+        out = compiled(**batch)
+        out.loss.backward()
+        dropped = [g for g, d in dbp.last_mask.items() if d]
+        mixed += 0 < len(dropped) < len(dbp.gate_names)
+        oracle.zero_grad(set_to_none=True)
+        with detached(oracle, dropped):
+            ref = oracle(**batch)
+        ref.loss.backward()
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+        got, want = grads(model), grads(oracle)
+        assert sum(g is not None for g in want.values()) > 0
+        assert_same_grads(got, want, rtol=1e-4, atol=1e-5)
+    assert mixed >= 2
+    assert dbp.gate_names == [f"base_model.model.model.layers.{i}.{s}" for i in range(3) for s in ("self_attn", "mlp")]
+    for gate in dbp.controller.gates:  # the 4-bit matmuls are counted as the dense ones they stand for
+        assert gate.flops[0] >= 2 * 2 * 12 * 32 * (64 * 3 if gate.name.endswith("mlp") else 32 * 3), gate.name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA run of the QLoRA test needs a GPU")
+def test_qlora_4bit_base_oracle_gradients_cuda():
+    """The same check on CUDA (bf16 compute), where a GPU is at hand."""
+    model = _qlora("cuda")
+    oracle = copy.deepcopy(model)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=11, inner="inductor")
     compiled = torch.compile(model, backend=dbp)
     for step in range(3):
         batch = {k: v.cuda() for k, v in _batch(step).items()}
@@ -120,7 +159,7 @@ def test_qlora_4bit_base_oracle_gradients():
         oracle.zero_grad(set_to_none=True)
         with detached(oracle, dropped):
             oracle(**batch).loss.backward()
-        assert_same_grads(grads(model), grads(oracle), rtol=1e-3, atol=1e-4)
+        assert_same_grads(grads(model), grads(oracle), rtol=2e-2, atol=2e-3)
     assert len(dbp.gate_names) == 6
 
 

@@ -336,6 +336,10 @@ EXAMPLES = {
     "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
     "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
 }
+for kernel in rn.KERNELS:  # opaque kernels: autograd.Function (once_differentiable), custom op, uint8 weight
+    EXAMPLES[f"kernel_{kernel}"] = rn.NetSpec((seq(B("kernel", kernel=kernel), B("mlp")),
+                                               rn.BlockSpec("projection", (B("kernel", kernel=kernel, hidden=8),),
+                                                            d_out=8)))
 for spelling in rn.ADDS:
     EXAMPLES[f"add_{spelling}"] = rn.NetSpec((seq(B("mlp", add=spelling), B("attn", add=spelling, skip_first=False)),
                                               seq(B("nested", add=spelling, inner=B("single", add=spelling)))))
@@ -420,6 +424,33 @@ def test_example_dynamo(name):
     force(dbp, ALTERNATE)
     mask = check_step(compiled, sut, ref, net, truth, dbp, 1)
     assert list(mask.values())[:2] == [True, False][:len(mask)]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("kernel", rn.KERNELS)
+def test_kernel_branches_under_every_inner_compiler(kernel, inner):
+    """Branches whose only compute is an opaque kernel: Dynamo captures the ``autograd.Function``s as
+    ``autograd_function_apply`` (bodies as submodules, which must travel inside their piece) and the
+    custom op as one node; both are gated from data flow (they read a weight) and give oracle gradients."""
+    spec = rn.NetSpec((seq(B("kernel", kernel=kernel), B("mlp")), seq(B("kernel", kernel=kernel, style="post"))))
+    check_compiled(spec, dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", seed=3, keep_one_open=True, inner=inner),
+                   mask_spec=ALTERNATE)
+
+
+def test_kernel_branch_flops_are_counted():
+    """A kernel's FLOPs are never a silent zero: the ``autograd.Function`` runs aten matmuls (counted), the
+    custom op has no formula (estimated as 2 x weight elements x rows), the uint8 weight is dequantized."""
+    for kernel in rn.KERNELS:
+        net, truth = rn.build(rn.NetSpec((seq(B("kernel", kernel=kernel, hidden=8)),), width=8))
+        dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager")
+        torch._dynamo.reset()
+        torch.compile(net, backend=dbp)(*net.inputs())
+        (gate,) = dbp.controller.gates
+        dense = 2 * 2 * rn.BATCH * rn.T * 8 * 8  # two 8x8 layers over BATCH x T rows
+        assert gate.flops[0] == dense, (kernel, gate.flops)
+        # backward: input and weight gradients (2x); the frozen uint8 weight: input gradients only (1x)
+        assert gate.flops[1] == (dense if kernel == "quant" else 2 * dense), (kernel, gate.flops)
     torch._dynamo.reset()
 
 

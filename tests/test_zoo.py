@@ -158,6 +158,14 @@ ZOO: dict[str, Arch] = {
     "qwen2_moe": Arch(lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
         **DECODER_KW, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
         num_experts_per_tok=2)), LLAMA_GATES),
+    # the residual add sits inside the attention and MLP modules (dropout_add), so the gates name their parts;
+    # the MLP's GeLU is an autograd.Function (Dynamo's autograd_function_apply, bodies as submodules)
+    "bloom": Arch(lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=V, hidden_size=H, n_layer=LAYERS, n_head=4,
+                                                           hidden_dropout=0.0, attention_dropout=0.0)),
+                  layers("transformer.h.{}", ".self_attention.{query_key_value,dense}",
+                         ".mlp.{dense_h_to_4h,dense_4h_to_h}"),
+                  oracle={".self_attention.{query_key_value,dense}": ".self_attention.dense",
+                          ".mlp.{dense_h_to_4h,dense_4h_to_h}": ".mlp.dense_4h_to_h"}),
 }
 # Regressions, under an AOT-based inner compiler: a trunk value that feeds only gates (Falcon's shared layernorm,
 # T5's cross-attention K/V of the encoder output) got a zero gradient instead of None when all of those gates were
@@ -168,6 +176,10 @@ ZOO["t5_aot_eager"] = dataclasses.replace(ZOO["t5"], inner="aot_eager")
 # with a transposed load) wrote out of bounds on more than one thread (pytorch/pytorch#191837; see
 # dropbp_fx.inner._fix_inductor_tile2d_atomic_add): segfaults within a few steps.
 ZOO["falcon_inductor"] = dataclasses.replace(ZOO["falcon"], inner="inductor")
+# A branch holding an autograd.Function (BLOOM's GeLU) under the AOT-based inner compilers: its bodies travel
+# inside the piece (they reached AOTAutograd as arguments: "all flat_args must be KNOWN_TYPES").
+ZOO["bloom_aot_eager"] = dataclasses.replace(ZOO["bloom"], inner="aot_eager")
+ZOO["bloom_inductor"] = dataclasses.replace(ZOO["bloom"], inner="inductor")
 
 
 # ----------------------------------------------------------------------------------------- the test
