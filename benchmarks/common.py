@@ -49,8 +49,10 @@ RATES = (0.0, 0.5, 0.75, 0.875)
 ALL_DROPPED = 1.0  # T1: every branch detached
 ALMOST_ONE = 1.0 - 1e-9  # what the backend gets for rate 1 (its rates must be < 1)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("full", "lora")
-MODE_TITLES = {"full": "full fine-tuning", "lora": "LoRA r=8 (all projections)"}
+MODES = ("full", "lora")  # the default set; ``qlora`` on request (``--modes qlora``)
+ALL_MODES = (*MODES, "qlora")
+MODE_TITLES = {"full": "full fine-tuning", "lora": "LoRA r=8 (all projections)",
+               "qlora": "QLoRA r=8 (all projections, NF4 4-bit base, bitsandbytes)"}
 
 
 @dataclass(frozen=True)
@@ -85,20 +87,35 @@ def with_seq(s: Sizes, seq: int, batch: int | None = None) -> Sizes:
 
 
 # ---------------------------------------------------------------------- model
-def build_model(sizes: Sizes, lora: bool, seed: int, device: torch.device) -> nn.Module:
-    """A LlamaForCausalLM from a config (random init, nothing downloaded), optionally with LoRA adapters."""
+def build_model(sizes: Sizes, mode: str, seed: int, device: torch.device) -> nn.Module:
+    """A LlamaForCausalLM from a config (random init, nothing downloaded); ``lora``: LoRA adapters on every
+    projection; ``qlora``: the same over an NF4 4-bit base (saved to a temporary folder, loaded back through
+    bitsandbytes, which runs 4-bit on CPU too)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if mode not in ALL_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {ALL_MODES}")
     config = LlamaConfig(vocab_size=sizes.vocab, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
                          num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
                          max_position_embeddings=max(16384, sizes.seq), use_cache=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    if lora:
+    if mode == "qlora":
+        import tempfile
+
+        from transformers import BitsAndBytesConfig
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.float32)
+            model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map=str(device))
+    if mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
-    return model.to(device).train()
+    return model.to(device).train() if mode != "qlora" else model.train()
 
 
 def make_batch(sizes: Sizes, seed: int, device: torch.device) -> torch.Tensor:
@@ -274,7 +291,7 @@ class Candidate:
 
 def make_candidate(name: str, sizes: Sizes, mode: str, seed: int, device: torch.device, lr: float = 1e-5,
                    dynamic: bool | None = None) -> Candidate:
-    model = build_model(sizes, mode == "lora", seed, device)
+    model = build_model(sizes, mode, seed, device)
     if name == "eager":
         return Candidate(name, model, model, lr=lr, seed=seed)
     if name == "hand-detach":

@@ -27,7 +27,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from benchmarks import memory, report, step_time
-from benchmarks.common import CANDIDATES, FULL_SIZES, MODES, QUICK_SIZES, RATES, Sizes, machine, sizes_dict
+from benchmarks.common import ALL_MODES, CANDIDATES, FULL_SIZES, MODES, QUICK_SIZES, RATES, Sizes, machine, sizes_dict
 
 log = logging.getLogger("benchmarks")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model, few rounds (smoke test)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help=f"comma-separated subset of {CANDIDATES}")
-    p.add_argument("--modes", default=",".join(MODES), help="full, lora or both")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {ALL_MODES} (default: full,lora)")
     p.add_argument("--only", default=",".join(STAGES), help=f"stages to run: {STAGES}")
     p.add_argument("--rates", default=",".join(map(str, RATES)), help="drop rates (0 and 'all detached' are added)")
     p.add_argument("--rounds", type=int, help="measured rounds (default 6; quick 2)")
@@ -71,8 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown candidates {unknown}; choose from {CANDIDATES}")
     args.modes = [m for m in args.modes.split(",") if m]
+    if set(args.modes) - set(ALL_MODES):
+        p.error(f"unknown modes {sorted(set(args.modes) - set(ALL_MODES))}; choose from {ALL_MODES}")
     args.seq_modes = [m for m in args.seq_modes.split(",") if m]
     args.only = [s for s in args.only.split(",") if s]
+    if set(args.only) - set(STAGES):
+        p.error(f"unknown stages {sorted(set(args.only) - set(STAGES))}; choose from {STAGES}")
     args.rates = [float(r) for r in args.rates.split(",") if float(r) > 0]
     if not all(0 < r < 1 for r in args.rates):
         p.error("rates must be in (0, 1)")

@@ -78,6 +78,7 @@ class GraphRecord:
     outer: list[str]
     skipped: list[tuple[str, str, str]]  # (add node, module path, reason)
     note: str = ""
+    cut: str = ""  # a residual branch this graph ends inside of, at a graph break (see passes.breaks)
 
 
 class DropBP:
@@ -101,6 +102,7 @@ class DropBP:
         self.compile_cache = CompileCache(inner) if inner != "eager" else None
         self._flops_cache: dict[tuple, tuple[int, int]] = {}
         self._warned_no_branch = False
+        self._warned_cuts: set[tuple] = set()
         self._ddp_problem: str | None = None  # why the DDP wrapper cannot take a rate > 0 (see _check_distributed)
 
     # ------------------------------------------------------------------ backend
@@ -161,6 +163,7 @@ class DropBP:
         record = GraphRecord(index, [b.name for b in analysis.branches], [b.name for b in analysis.outer],
                              [(s.add.name, s.module, s.reason) for s in analysis.skipped])
         self.graphs.append(record)
+        self._check_cut(gm, analysis, record, name_prefix)
         if not analysis.branches:
             if not gated:
                 record.note = "no residual branch: unchanged"
@@ -208,6 +211,29 @@ class DropBP:
     def _refuse_rates_under_ddp(self, rates) -> None:
         if self._ddp_problem is not None and any(rate > 0 for rate in rates):
             raise RuntimeError(self._ddp_problem)
+
+    def _check_cut(self, gm: fx.GraphModule, analysis, record: GraphRecord, prefix: str) -> None:
+        """A graph break inside a residual branch: no graph holds its whole ``x + f(x)``, so it is not gated.
+        Said by name (the module, the op that broke the graph, Dynamo's fix), once per module and op."""
+        from passes.breaks import cut_branches, describe_break
+
+        why = describe_break(gm)
+        if why is None:
+            return
+        adds = {b.add for b in analysis.branches + analysis.outer} | {b.partial_sum for b in analysis.branches}
+        cut = cut_branches(gm, adds - {None}, self._root() if self._root is not None else None)
+        if not cut:
+            return
+        cut = [f"{prefix}.{c}" if prefix and c else (c or prefix or "<root>") for c in cut]
+        modules = ", ".join(cut[:3]) + (f" (+{len(cut) - 3} more)" if len(cut) > 3 else "")
+        record.cut = (f"graph {record.index} ends inside a residual branch, at {modules}: Dynamo broke the graph "
+                      f"there ({why.describe()}), so no graph holds that branch's whole `x + f(x)` and it is not "
+                      f"gated (it trains every step). Fix: {why.fix}")
+        key = (tuple(cut), why.op, why.detail)
+        if key not in self._warned_cuts:
+            self._warned_cuts.add(key)
+            log.warning("dropbp: %s", record.cut)
+            warnings.warn(f"dropbp: {record.cut}", DropBPWarning, stacklevel=2)
 
     def _warn_no_branch(self, index: int, adds: int) -> None:
         """Once per backend: a graph without residual branch is almost always a model DropBP cannot help."""

@@ -46,6 +46,7 @@ class Explanation:
     outer: list[str] = field(default_factory=list)  # nested branches left ungated (their inner ones are gated)
     skipped: list[SkippedAdd] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)  # residual branches a graph break cut in two (not gated)
     graphs: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -68,6 +69,9 @@ class Explanation:
             for reason, where in by_reason.items():
                 shown = ", ".join(where[:3]) + (f", ... {len(where) - 3} more" if len(where) > 3 else "")
                 lines.append(f"  {len(where)} x {reason}: {shown}")
+        if self.cut:
+            lines.append("residual branches cut by a graph break (not gated):")
+            lines += [f"  {c}" for c in self.cut]
         if self.graph_breaks:
             lines.append("graph breaks:")
             lines += [f"  {_first_lines(reason)}" for reason in self.graph_breaks]
@@ -100,6 +104,7 @@ def explain(model: nn.Module, *example_inputs, options: dict | None = None, **ex
                     for g in gates]
     for record in dbp.graphs:
         report.outer += record.outer
+        report.cut += [record.cut] if record.cut else []
         report.skipped += [SkippedAdd(record.index, node, module, reason) for node, module, reason in record.skipped]
         if record.note and not record.gates:
             report.notes.append(f"graph {record.index}: {record.note}")

@@ -112,8 +112,10 @@ def count_flops(gm: fx.GraphModule, example_inputs) -> tuple[int, int]:
     nodes that feed ``gm``); neither they nor ``gm``'s own weights are run on or modified (a fake copy is).
     A kernel with no formula that reads a weight is estimated (:class:`_Estimates`), never counted as 0.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-    args = [_fake_like(mode, v) for v in example_inputs]
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv())  # a shape env: ``.item()`` runs too
+    args = [pytree.tree_map(lambda v: _fake_like(mode, v), v) for v in example_inputs]  # tuples of tensors too
     if any(True for _ in gm.parameters()) or any(True for _ in gm.buffers()):  # symbolic_trace: weights inside
         from torch._dynamo.utils import deepcopy_to_fake_tensor
 

@@ -124,7 +124,7 @@ def reads_weight(node: fx.Node, root: nn.Module | None = None) -> bool:
                 break
             arg = arg.all_input_nodes[0]
         if is_constant(arg) and not kernels.is_body(arg, root):
-            value = _meta_value(arg)
+            value = meta_value(arg)
             if not isinstance(value, torch.Tensor) or value.dim() >= 2:
                 return True
     return False
@@ -177,7 +177,7 @@ _SHAPE_ATEN = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_
 _DYNAMO_CONSTANT = re.compile(r"_(parameters|buffers)_")
 
 
-def _meta_value(node: fx.Node):
+def meta_value(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
@@ -190,8 +190,16 @@ def is_shape_query(node: fx.Node) -> bool:
             return True
         if _packet(node.target) in _SHAPE_ATEN:
             return True
-    value = _meta_value(node)
+    if _reads_data(node):  # ``h.sum().item()``: a symbolic int whose value depends on the data of ``h``
+        return False
+    value = meta_value(node)
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Size, torch.dtype, torch.device))
+
+
+def _reads_data(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("item", "tolist")
+    return node.op == "call_function" and _packet(node.target) is aten._local_scalar_dense
 
 
 def is_constant(node: fx.Node) -> bool:
@@ -199,7 +207,7 @@ def is_constant(node: fx.Node) -> bool:
     if node.op == "get_attr":
         return True
     if node.op == "placeholder":
-        if isinstance(_meta_value(node), nn.Parameter):
+        if isinstance(meta_value(node), nn.Parameter):
             return True
         grapharg = node.meta.get("grapharg")
         if grapharg is not None and isinstance(getattr(grapharg, "example", None), nn.Parameter):
@@ -210,7 +218,7 @@ def is_constant(node: fx.Node) -> bool:
 
 def constant_numel(node: fx.Node, root: nn.Module | None) -> int:
     """Elements in a parameter node (0 when unknown)."""
-    value = _meta_value(node)
+    value = meta_value(node)
     if isinstance(value, torch.Tensor):
         return value.numel()
     if node.op == "get_attr" and root is not None:
@@ -270,8 +278,12 @@ def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
 def metadata_nodes(graph: fx.Graph, constants: set[fx.Node]) -> set[fx.Node]:
     """Shape queries, and values computed from them alone (``math.sqrt(q.size(-1))``): metadata, not data."""
     meta: set[fx.Node] = set()
+    from_data: set[fx.Node] = set()  # ``int(h.sum().item()) % 2``: symbolic ints computed from data are data
     for node in graph.nodes:
         inputs = node.all_input_nodes
+        if _reads_data(node) or (any(a in from_data for a in inputs) and not isinstance(meta_value(node), torch.Tensor)):
+            from_data.add(node)
+            continue
         if is_shape_query(node) or (node.op.startswith("call") and any(a in meta for a in inputs)
                                     and all(a in meta or a in constants for a in inputs)):
             meta.add(node)
@@ -300,12 +312,43 @@ def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
     for node in graph.nodes:
         if mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node):
             index = g.nodes[node]["index"]
-            for user in node.args[0].users:
-                if g.nodes[user]["index"] > index:
-                    g.add_edge(node, user)
-                    if g.has_edge(node.args[0], user):
-                        g.remove_edge(node.args[0], user)
+            for written in (node.args[0], *view_bases(node.args[0])):  # ``k[..., :16].copy_(v)`` writes ``k``
+                for user in written.users:
+                    if g.nodes[user]["index"] > index:
+                        g.add_edge(node, user)
+                        if g.has_edge(written, user):
+                            g.remove_edge(written, user)
     return g
+
+
+_VIEW_METHODS = {"view", "reshape", "view_as", "transpose", "permute", "narrow", "select", "unsqueeze", "squeeze",
+                 "expand", "expand_as", "flatten", "unflatten", "t", "swapaxes", "movedim", "diagonal", "unfold",
+                 "split", "chunk", "unbind", "tensor_split"}
+_VIEW_FUNCTIONS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.narrow, torch.transpose,
+                   torch.permute, torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
+
+
+def view_bases(node: fx.Node) -> list[fx.Node]:
+    """The tensors ``node`` is a view of (``x[..., :16]``, ``x.view(...)[0]``), nearest first: what a write
+    into ``node`` writes too."""
+    bases = []
+    while node.args and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        if node.op == "call_function" and node.target is operator.getitem:
+            is_view = True  # a slice of a tensor, or a part of a split/chunk/unbind, which alias their input
+        elif node.op == "call_method":
+            is_view = node.target in _VIEW_METHODS
+        elif node.target in _VIEW_FUNCTIONS or getattr(node.target, "__name__", None) == "split":
+            is_view = True  # ``torch.functional.split`` too
+        else:
+            schema = getattr(node.target, "_schema", None)
+            info = schema.returns[0].alias_info if schema is not None and schema.returns else None
+            is_view = info is not None and not info.is_write
+        if not is_view:
+            break
+        bases.append(source)
+        node = source
+    return bases
 
 
 def between(g: nx.DiGraph, source: fx.Node, sink: fx.Node) -> set[fx.Node]:

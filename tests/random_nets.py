@@ -114,6 +114,7 @@ class BranchSpec:
     mask: str = "none"  # attn: none | input | buffer | bias (an nn.Parameter position bias)
     sdpa: bool = False  # attn: F.scaled_dot_product_attention instead of matmul/softmax/matmul
     cache: bool = False  # attn: also return (k, v), which the network returns (a KV cache: side outputs)
+    kv_build: bool = False  # attn: k split in two and written into slices of ``k.new_empty`` (DeepSeek's MLA)
     inner: "BranchSpec | None" = None  # nested: the inner residual branch
     inner_post: bool = False  # nested: ``norm(h + g(h))`` instead of ``h + g(h)``
 
@@ -390,6 +391,12 @@ class Branch(nn.Module):
         """``o(attention)``, or ``(o(attention), (k, v))`` with ``spec.cache`` (see :func:`call_branch`)."""
         spec = self.spec
         q, k, v = self.q(x), self.k(x), self.v(x)
+        if spec.kv_build:  # a tuple-valued split, then in-place writes into views of a fresh tensor
+            half = k.shape[-1] // 2
+            k_pass, k_rot = torch.split(k, [half, k.shape[-1] - half], dim=-1)
+            k = k.new_empty(k.shape)
+            k[..., :half].copy_(k_pass)
+            k[..., half:].copy_(torch.tanh(k_rot))
         if spec.rope:
             q = q * self.cos + rotate_half(q) * self.sin
             k = k * self.cos + rotate_half(k) * self.sin
@@ -592,7 +599,7 @@ class Net(nn.Module):
     def inputs(self, seed: int = 0, requires_grad: bool = True):
         g = torch.Generator().manual_seed(seed)
         d = self.spec.d_in if self.spec.stem in ("linear", "tied") else self.spec.width
-        dtype = next(self.parameters()).dtype
+        dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())  # not a uint8 kernel weight
         x = torch.randn(BATCH, T, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
         ctx = torch.randn(BATCH, T, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
         mask = torch.randn(T, T, generator=g, dtype=dtype)
@@ -633,7 +640,8 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested", "ke
         spec = replace(spec, layer_scale=draw(st.booleans()))
     if body == "attn":
         spec = replace(spec, rope=draw(st.booleans()), mask=draw(st.sampled_from(["none", "input", "buffer", "bias"])),
-                       sdpa=draw(st.booleans()), cache=nest_depth == 0 and draw(st.booleans()))
+                       sdpa=draw(st.booleans()), cache=nest_depth == 0 and draw(st.booleans()),
+                       kv_build=draw(st.booleans()))
     if body == "nested":
         # the inner residual runs inside the branch module: pre-norm (norm inside the inner module) or post-norm
         inner = draw(branch_specs(nest_depth=nest_depth + 1, styles=("pre",), flat_ok=False))

@@ -196,3 +196,50 @@ def test_model_already_wrapped_by_the_published_dropbp_layers():
                                         r", blocks.1.dropbp_mlp, blocks.2.dropbp_mlp, blocks.3.dropbp_mlp\).*"
                                         r"Use the unmodified model"):
         torch.compile(Net(block=HandEditedBlock), backend="dropbp", options={"inner": "eager"})(torch.randn(2, 8))
+
+
+class BrokenBranch(nn.Module):
+    """A branch with a data-dependent ``.item()`` in the middle (JetMoE's routing): Dynamo breaks the graph
+    there, so no graph holds the whole ``x + f(x)``."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 16), nn.Linear(16, d)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        scale = 1 + int((h > 0).sum().item()) % 2
+        return x + self.fc2(torch.relu(h)) * scale
+
+
+class BrokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(BrokenBranch() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_branch_cut_by_a_graph_break_is_named_with_the_op_and_the_fix():
+    torch.manual_seed(0)
+    net, x = BrokenNet(), torch.randn(4, 8)
+    torch._dynamo.reset()
+    with pytest.warns(DropBPWarning, match=r"ends inside a residual branch, at blocks\.0\.fc1: Dynamo broke the "
+                                           r"graph there \(.*item\(\).*\) at test_errors.py:\d+\).*"
+                                           r"capture_scalar_outputs = True"):
+        torch.compile(net, backend="dropbp", options={"inner": "eager"})(x).sum().backward()
+    report = dropbp_fx.explain(net, x)
+    assert not report.gates
+    assert any("blocks.0.fc1" in c and "capture_scalar_outputs" in c for c in report.cut), report
+    assert "residual branches cut by a graph break" in str(report)
+    # Dynamo's fix applied: one graph holds each branch, and both are gated
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        report = dropbp_fx.explain(net, x)
+    # named like BERT's FFN: the add and the branch's layers are in one module
+    assert [g.name for g in report.gates] == ["blocks.0.{fc1,fc2}", "blocks.1.{fc1,fc2}"] and not report.cut, report
+    assert all(g.flops_share > 0.4 for g in report.gates), report  # fc1 and fc2 counted, the .item() too
+    torch._dynamo.reset()

@@ -333,6 +333,8 @@ EXAMPLES = {
     "kv_cache": rn.NetSpec((seq(B("attn", cache=True, rope=True), B("mlp")),
                             rn.BlockSpec("parallel", (B("attn", cache=True, sdpa=True), B("mlp")), assoc="right")),
                            repeat_last=True),
+    "kv_build": rn.NetSpec((seq(B("attn", kv_build=True, rope=True), B("mlp")),
+                            seq(B("attn", kv_build=True, sdpa=True, cache=True)))),
     "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
     "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
 }
@@ -451,6 +453,22 @@ def test_kernel_branch_flops_are_counted():
         assert gate.flops[0] == dense, (kernel, gate.flops)
         # backward: input and weight gradients (2x); the frozen uint8 weight: input gradients only (1x)
         assert gate.flops[1] == (dense if kernel == "quant" else 2 * dense), (kernel, gate.flops)
+    torch._dynamo.reset()
+
+
+def test_writes_into_views_stay_in_the_branch():
+    """DeepSeek's MLA builds its keys by ``k[..., :h].copy_(k_pass)`` into ``k.new_empty``: the write into a
+    view writes ``k``, so the key projection is part of the attention branch and its FLOPs are counted."""
+    flops = {}
+    for kv_build in (False, True):
+        net, truth = rn.build(rn.NetSpec((seq(B("attn", kv_build=kv_build, sdpa=True)),), width=8))
+        dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager")
+        torch._dynamo.reset()
+        torch.compile(net, backend=dbp)(*net.inputs())
+        (gate,) = dbp.controller.gates
+        assert gate.name == "blocks.0.b0", gate.name
+        flops[kv_build] = gate.flops
+    assert flops[True] == flops[False], flops  # tanh and the copies count 0, as torch's pointwise ops do
     torch._dynamo.reset()
 
 
