@@ -196,6 +196,15 @@ def is_shape_query(node: fx.Node) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Size, torch.dtype, torch.device))
 
 
+def is_multi_output(node: fx.Node) -> bool:
+    """A node whose value is a tuple or list (``split``, ``topk``, a gate call) that ``getitem`` unpacks."""
+    value = meta_value(node)
+    if value is not None:
+        return isinstance(value, (tuple, list))
+    return node.op != "placeholder" and bool(node.users) and all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users)
+
+
 def _reads_data(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in ("item", "tolist")

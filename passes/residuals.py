@@ -40,6 +40,7 @@ import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -223,7 +224,11 @@ def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residua
                           "(an additive mask or bias shared by several layers), not as its own residual stream")
     nodes |= _metadata_used_inside(nodes, dfg)
     nodes |= _returned_views(nodes, out, dfg)
+    nodes |= _cache_writes(nodes, out, dfg)
     nodes = _own_nodes(nodes, out, add, dfg.graph["metadata"])
+    # a part of a tuple made outside (``split`` in the trunk) is an input, not the tuple: pieces take tensors
+    nodes -= {n for n in nodes if n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+              and n.args[0] not in nodes and gv.is_multi_output(n.args[0])}
     if out not in nodes:
         raise _Reject("the branch output is used outside the residual add")
     nodes |= _parameter_prologue(nodes, dfg)
@@ -299,6 +304,45 @@ def _returned_views(nodes: set[fx.Node], out: fx.Node, dfg) -> set[fx.Node]:
                     (a in nodes and a is not out) or a in constants or a in metadata for a in user.all_input_nodes):
                 found.add(user)
     return found
+
+
+_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.zeros_like, torch.ones_like, torch.empty_like}
+_FACTORY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full"}
+
+
+def _cache_writes(nodes: set[fx.Node], out: fx.Node, dfg) -> set[fx.Node]:
+    """Branch values written into fresh buffers that only the graph returns: side outputs of the branch.
+
+    Mamba's states (``conv = zeros(...); conv.copy_(x[..., -k:])``, ``s = zeros_like(h[:, -1]); s.copy_(...)``,
+    returned as the cache): left outside, the writes would pull the mixer's input projection and the norm
+    before it into the trunk. A part is taken whole: views, fresh buffers and writes into them, reading
+    only the branch, weights and metadata, read only by the graph output.
+    """
+    constants, metadata = dfg.graph["constants"], dfg.graph["metadata"]
+    found: set[fx.Node] = set()
+    for node in nodes - {out}:
+        for start in node.users:
+            if start in nodes or start in found or start.op == "output":
+                continue
+            part, frontier, ok = set(), [start], True
+            while frontier and ok:
+                v = frontier.pop()
+                if v in part or v in nodes or v in constants or v in metadata:
+                    continue
+                if v.op == "output" or not (v.target is operator.getitem or gv.is_alias(v) or _is_factory(v)
+                                            or gv.mutates_first_arg(v)):
+                    ok = False
+                    break
+                part.add(v)
+                frontier += [u for u in v.users if u.op != "output"] + list(v.all_input_nodes)
+            if ok and any(gv.mutates_first_arg(v) for v in part):
+                found |= part
+    return found
+
+
+def _is_factory(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _FACTORIES) or \
+        (node.op == "call_method" and node.target in _FACTORY_METHODS)
 
 
 def _parameter_prologue(nodes: set[fx.Node], dfg) -> set[fx.Node]:

@@ -61,14 +61,31 @@ def split_trunk(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool],
     names = []
     _read_through_writes(gm)
     feeds = _gate_consumers(gm, is_gate)
-    for run in runs:
-        for group in _by_consumers(run, feeds):
-            if any(_computes_tensor(n) for n in group):
-                names.append(outline(gm, group, make_module, prefix, class_name="TrunkSegment").target)
+    for group in _with_their_parts([g for run in runs for g in _by_consumers(run, feeds)]):
+        if any(_computes_tensor(n) for n in group):
+            names.append(outline(gm, group, make_module, prefix, class_name="TrunkSegment").target)
     stable_topological_sort(gm)
     gm.graph.lint()
     gm.recompile()
     return names
+
+
+def _with_their_parts(groups: list[list[fx.Node]]) -> list[list[fx.Node]]:
+    """The ``getitem`` parts of a tuple (``split``, ``topk``) go to the segment that makes the tuple: segments
+    return tensors, and an inner compiler cannot return a tuple nested in its outputs (AOTAutograd's
+    "output spec mismatch")."""
+    home = {n: i for i, group in enumerate(groups) for n in group}
+    for i, group in enumerate(groups):
+        for node in list(group):
+            if not gv.is_multi_output(node):
+                continue
+            parts = [u for u in node.users if u.target is operator.getitem and home.get(u, i) != i]
+            for part in parts:
+                groups[home[part]].remove(part)
+                home[part] = i
+            at = group.index(node) + 1
+            group[at:at] = parts
+    return [g for g in groups if g]
 
 
 def _read_through_writes(gm: fx.GraphModule) -> None:

@@ -409,6 +409,10 @@ class Branch(nn.Module):
             if bias is not None:
                 scores = scores + bias
             a = torch.softmax(scores, dim=-1) @ v
+        if spec.cache and spec.kv_build:  # Mamba's state: the last key written into a fresh buffer, returned
+            state = torch.zeros_like(k[:, -1])
+            state.copy_(k[:, -1])
+            return self.o(a), (state, v)
         return (self.o(a), (k, v)) if spec.cache else self.o(a)
 
     def truth(self, path: str, kind: str) -> Truth:

@@ -456,6 +456,14 @@ def test_kernel_branch_flops_are_counted():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_writes_into_fresh_returned_buffers_stay_in_the_branch(inner):
+    """A state written into ``zeros_like`` and returned (Mamba's cache): left in the trunk, the key projection
+    would sit in a compiled trunk segment and get a zero gradient, not none, when its gate is closed."""
+    check_compiled(EXAMPLES["kv_build"], dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", seed=3,
+                                                          keep_one_open=True, inner=inner))
+
+
 def test_writes_into_views_stay_in_the_branch():
     """DeepSeek's MLA builds its keys by ``k[..., :h].copy_(k_pass)`` into ``k.new_empty``: the write into a
     view writes ``k``, so the key projection is part of the attention branch and its FLOPs are counted."""
