@@ -144,7 +144,6 @@ class DropBP:
     def _rewrite(self, gm: fx.GraphModule, example_inputs, name_prefix: str) -> int:
         """Gate the residual branches of ``gm`` and of its checkpointed regions; returns how many."""
         from passes.checkpoints import checkpoint_calls, replace_checkpoint_calls
-        from passes.fold import fold_weight_shapes
         from passes.gating import gate_residual_branches
         from passes.instrument import insert_probes
         from passes.residuals import find_residual_branches
@@ -157,7 +156,6 @@ class DropBP:
             replace_checkpoint_calls(gm, Checkpointed)
 
         index = len(self.graphs)
-        fold_weight_shapes(gm)
         analysis = find_residual_branches(gm)
         if name_prefix:
             for branch in analysis.branches + analysis.outer:
