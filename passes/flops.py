@@ -124,16 +124,48 @@ def count_flops(gm: fx.GraphModule, example_inputs) -> tuple[int, int]:
     weights = [a for n, a in zip(placeholders, args) if isinstance(a, torch.Tensor) and gv.is_constant(n)]
     weights += list(gm.parameters()) + list(gm.buffers())
     formulas = {**_EXTRA_FORMULAS, **_library_formulas()}
-    with mode, FlopCounterMode(display=False, custom_mapping=formulas) as counter, \
-            _Estimates(set(counter.flop_registry), weights) as estimates:
-        outputs = gm(*args)
-        forward = counter.get_total_flops() + estimates.flops
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        grads = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
-        if grads:
-            torch.autograd.backward(grads, [torch.ones_like(o) for o in grads])
-        total = counter.get_total_flops() + estimates.flops
+    vmapped = [n for n in gm.graph.nodes if getattr(n.target, "__name__", None) == "_vmap_increment_nesting"]
+    if vmapped:  # a vmap Dynamo inlined: under the counter's modes it fails inside, leaving its level pushed
+        return _weight_estimate(gm, placeholders, args, "the branch runs torch.func.vmap, inlined by Dynamo")
+    try:
+        with mode, FlopCounterMode(display=False, custom_mapping=formulas) as counter, \
+                _Estimates(set(counter.flop_registry), weights) as estimates:
+            outputs = gm(*args)
+            forward = counter.get_total_flops() + estimates.flops
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            grads = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if grads:
+                torch.autograd.backward(grads, [torch.ones_like(o) for o in grads])
+            total = counter.get_total_flops() + estimates.flops
+    except Exception as error:  # a kernel that cannot run on fake tensors under a dispatch mode
+        return _weight_estimate(gm, placeholders, args, error)
     return forward, total - forward
+
+
+def _weight_estimate(gm: fx.GraphModule, placeholders, args, error) -> tuple[int, int]:
+    """When the graph cannot run under the counter (a higher-order op such as ``associative_scan`` that
+    refuses the dispatch mode): every weight read by a compute node as a dense matmul, ``2 x weight elements x
+    rows`` forward, twice that backward for weights that train. Logged, never a silent zero."""
+    value = dict(zip(placeholders, args))
+    data = [a for n, a in value.items() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 1
+            and not gv.is_constant(n)]
+    rows = data[0].numel() // max(int(data[0].shape[-1]), 1) if data else 1
+    forward = backward = 0
+    for node in gm.graph.nodes:
+        if not gv.is_compute(node, gm):
+            continue
+        for arg in node.all_input_nodes:
+            weight = value.get(arg) if arg.op == "placeholder" and gv.is_constant(arg) else None
+            if weight is None and arg.op == "get_attr":
+                weight = getattr(gm, arg.target, None)
+            if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+                flops = 2 * int(weight.numel()) * int(rows)
+                forward += flops
+                backward += 2 * flops if weight.requires_grad else flops
+    why = error if isinstance(error, str) else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    log.warning("dropbp: FLOPs of a branch could not be counted on fake tensors (%s); estimated from its weights "
+                "as 2 x weight elements x rows: %d forward, %d backward", why, forward, backward)
+    return forward, backward
 
 
 class _Estimates(TorchDispatchMode):

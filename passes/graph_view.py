@@ -24,6 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from passes import kernels
+from passes.module_paths import clean_module_path, common_module_path, module_path, structure_key  # noqa: F401
+from passes.views import view_bases  # noqa: F401
 
 aten = torch.ops.aten
 
@@ -330,36 +332,6 @@ def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
-_VIEW_METHODS = {"view", "reshape", "view_as", "transpose", "permute", "narrow", "select", "unsqueeze", "squeeze",
-                 "expand", "expand_as", "flatten", "unflatten", "t", "swapaxes", "movedim", "diagonal", "unfold",
-                 "split", "chunk", "unbind", "tensor_split"}
-_VIEW_FUNCTIONS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.narrow, torch.transpose,
-                   torch.permute, torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze}
-
-
-def view_bases(node: fx.Node) -> list[fx.Node]:
-    """The tensors ``node`` is a view of (``x[..., :16]``, ``x.view(...)[0]``), nearest first: what a write
-    into ``node`` writes too."""
-    bases = []
-    while node.args and isinstance(node.args[0], fx.Node):
-        source = node.args[0]
-        if node.op == "call_function" and node.target is operator.getitem:
-            is_view = True  # a slice of a tensor, or a part of a split/chunk/unbind, which alias their input
-        elif node.op == "call_method":
-            is_view = node.target in _VIEW_METHODS
-        elif node.target in _VIEW_FUNCTIONS or getattr(node.target, "__name__", None) == "split":
-            is_view = True  # ``torch.functional.split`` too
-        else:
-            schema = getattr(node.target, "_schema", None)
-            info = schema.returns[0].alias_info if schema is not None and schema.returns else None
-            is_view = info is not None and not info.is_write
-        if not is_view:
-            break
-        bases.append(source)
-        node = source
-    return bases
-
-
 def between(g: nx.DiGraph, source: fx.Node, sink: fx.Node) -> set[fx.Node]:
     """Nodes on some data path ``source -> ... -> sink``, excluding ``source``, including ``sink``."""
     index = g.nodes[source]["index"]
@@ -407,68 +379,3 @@ def compute_depth(nodes: Iterable[fx.Node], root: nn.Module | None) -> int:
         best = max((depth[a] for a in node.all_input_nodes if a in inside), default=0)
         depth[node] = best + (1 if is_compute(node, root) else 0)
     return max(depth.values(), default=0)
-
-
-# ---------------------------------------------------------------------------
-# module paths
-# ---------------------------------------------------------------------------
-_LOCAL_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\](\[[^\]]*\])*\.?")
-_GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]+)['\"]\)")
-_INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
-
-
-def clean_module_path(path: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` (or ``L['args'][0].model...``, or PEFT's
-    ``L['self'].__dict__['_modules']['base_model']...``) -> ``model.layers.0.mlp``."""
-    while True:
-        new = _GETATTR.sub(r"\1.\2", path)
-        if new == path:
-            break
-        path = new
-    path = _LOCAL_ROOT.sub("", path)
-    path = re.sub(r"\.?__dict__\[['\"]_modules['\"]\]", "", path)  # PEFT: ``__dict__['_modules']['base_model']``
-    path = path.replace("._modules", "").replace("_modules", "")
-    path = _INDEX.sub(r".\1", path)
-    path = re.sub(r"\.+", ".", path).strip(".")
-    return path
-
-
-def module_path(node: fx.Node) -> str:
-    """The innermost module a node was traced in (``''`` for the root)."""
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return clean_module_path(str(path))
-
-
-def common_module_path(paths: Iterable[str]) -> str:
-    split = [p.split(".") if p else [] for p in paths]
-    if not split:
-        return ""
-    prefix = split[0]
-    for parts in split[1:]:
-        n = 0
-        while n < min(len(prefix), len(parts)) and prefix[n] == parts[n]:
-            n += 1
-        prefix = prefix[:n]
-    return ".".join(prefix)
-
-
-def structure_key(gm: fx.GraphModule) -> str:
-    """The graph's ops and wiring with node names left out: equal for identical layers."""
-    index: dict[fx.Node, int] = {}
-    parts = []
-    for i, node in enumerate(gm.graph.nodes):
-        index[node] = i
-        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
-        if node.op == "placeholder":  # its name (``l_..._layers_modules_3_...``) is not structure
-            parts.append("placeholder")
-            continue
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", None) or repr(
-            node.target)
-        module = getattr(node.target, "__module__", "")
-        parts.append(f"{node.op}|{module}.{target}|{args!r}")
-    return "\n".join(parts)

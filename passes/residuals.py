@@ -231,6 +231,7 @@ def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residua
               and n.args[0] not in nodes and gv.is_multi_output(n.args[0])}
     if out not in nodes:
         raise _Reject("the branch output is used outside the residual add")
+    nodes |= _whole_vmap_regions(nodes, add)
     nodes |= _parameter_prologue(nodes, dfg)
     ordered = _topo(nodes, dfg)
     compute = [n for n in ordered if gv.is_compute(n, root)]
@@ -343,6 +344,31 @@ def _cache_writes(nodes: set[fx.Node], out: fx.Node, dfg) -> set[fx.Node]:
 def _is_factory(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _FACTORIES) or \
         (node.op == "call_method" and node.target in _FACTORY_METHODS)
+
+
+def _whole_vmap_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:
+    """A ``torch.func.vmap`` Dynamo inlined (``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting``; the
+    generic ``associative_scan`` of Mamba on CPU) is stateful: a piece that holds part of it runs batched
+    tensors outside their level. A region the branch touches comes whole, or the add is not gated."""
+    regions, stack = [], []
+    for node in add.graph.nodes:
+        name = getattr(node.target, "__name__", None)
+        if name == "_vmap_increment_nesting":
+            stack.append([node])
+            continue
+        for open_region in stack:
+            open_region.append(node)
+        if name == "_vmap_decrement_nesting" and stack:
+            regions.append(set(stack.pop()))
+    extra: set[fx.Node] = set()
+    for region in regions:
+        if region & nodes and not region <= nodes:
+            outside = [u for n in region for u in n.users if u not in nodes and u not in region and u.op != "output"]
+            if outside:
+                raise _Reject(f"the branch holds part of a torch.func.vmap region (Dynamo inlined it) whose values "
+                              f"{outside[0].name} reads outside the branch")
+            extra |= region
+    return extra
 
 
 def _parameter_prologue(nodes: set[fx.Node], dfg) -> set[fx.Node]:

@@ -243,3 +243,35 @@ def test_branch_cut_by_a_graph_break_is_named_with_the_op_and_the_fix():
     assert [g.name for g in report.gates] == ["blocks.0.{fc1,fc2}", "blocks.1.{fc1,fc2}"] and not report.cut, report
     assert all(g.flops_share > 0.4 for g in report.gates), report  # fc1 and fc2 counted, the .item() too
     torch._dynamo.reset()
+
+
+class VmapBlock(Block):
+    """A branch that runs ``torch.func.vmap`` (Mamba's generic associative scan on CPU): Dynamo inlines it as
+    stateful ``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting`` calls, which must stay in one piece."""
+
+    def forward(self, x):
+        h = self.mlp[0](self.norm(x))
+        h = torch.func.vmap(lambda row: torch.tanh(row) * row)(h)
+        return x + self.mlp[2](h)
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_vmap_inside_a_branch_is_gated_whole_with_oracle_gradients(inner):
+    torch.manual_seed(0)
+    net = Net(depth=2, block=VmapBlock)
+    reference = copy.deepcopy(net)
+    x = torch.randn(4, 8)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x)  # compiles: the gates exist after the first call
+    assert dbp.gate_names == ["blocks.0.mlp", "blocks.1.mlp"], dbp.gate_names  # named after its compute
+    assert all(g.flops[0] > 0 and g.flops[1] > 0 for g in dbp.controller.gates)  # estimated from the weights
+    for dropped in ({"blocks.0.mlp"}, {"blocks.1.mlp"}, set()):
+        net.zero_grad(), reference.zero_grad()
+        dbp.controller.set_rates({name: 1 - 1e-9 if name in dropped else 0.0 for name in dbp.gate_names})
+        compiled(x).backward()
+        with detached(reference, [f"{name}.2" for name in sorted(dropped)]):  # the branch's last layer
+            reference(x).backward()
+        assert_same_grads(grads(net), grads(reference))
+    torch._dynamo.reset()
