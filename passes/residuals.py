@@ -231,7 +231,7 @@ def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residua
               and n.args[0] not in nodes and gv.is_multi_output(n.args[0])}
     if out not in nodes:
         raise _Reject("the branch output is used outside the residual add")
-    nodes |= _whole_vmap_regions(nodes, add)
+    nodes |= _whole_regions(nodes, add)
     nodes |= _parameter_prologue(nodes, dfg)
     ordered = _topo(nodes, dfg)
     compute = [n for n in ordered if gv.is_compute(n, root)]
@@ -346,29 +346,48 @@ def _is_factory(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target in _FACTORY_METHODS)
 
 
-def _whole_vmap_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:
-    """A ``torch.func.vmap`` Dynamo inlined (``_vmap_increment_nesting`` ... ``_vmap_decrement_nesting``; the
-    generic ``associative_scan`` of Mamba on CPU) is stateful: a piece that holds part of it runs batched
-    tensors outside their level. A region the branch touches comes whole, or the add is not gated."""
+def _opens_region(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", None)
+    return name in ("_vmap_increment_nesting", "_enter_autocast") or (
+        name == "_set_grad_enabled" and node.args[:1] == (False,))
+
+
+def _closes_region(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", None)
+    return name in ("_vmap_decrement_nesting", "_exit_autocast") or (
+        name == "_set_grad_enabled" and node.args[:1] == (True,))
+
+
+def _whole_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:
+    """Stateful regions Dynamo inlines as a pair of calls: ``torch.no_grad()`` (``_set_grad_enabled(False)``
+    ... ``(True)``: DeepSeek-V3.2's sparse-attention indexer), ``torch.func.vmap`` (``_vmap_increment_nesting``
+    ... ``_vmap_decrement_nesting``: Mamba's generic scan on CPU), autocast. A piece that holds part of one
+    runs the rest in the wrong mode (the indexer with grad on, batched tensors outside their level). A
+    region the branch touches comes whole, or the add is not gated."""
     regions, stack = [], []
     for node in add.graph.nodes:
-        name = getattr(node.target, "__name__", None)
-        if name == "_vmap_increment_nesting":
+        if _opens_region(node):
             stack.append([node])
             continue
         for open_region in stack:
             open_region.append(node)
-        if name == "_vmap_decrement_nesting" and stack:
+        if _closes_region(node) and stack:
             regions.append(set(stack.pop()))
     extra: set[fx.Node] = set()
     for region in regions:
         if region & nodes and not region <= nodes:
             outside = [u for n in region for u in n.users if u not in nodes and u not in region and u.op != "output"]
             if outside:
-                raise _Reject(f"the branch holds part of a torch.func.vmap region (Dynamo inlined it) whose values "
-                              f"{outside[0].name} reads outside the branch")
+                raise _Reject(f"the branch holds part of a {_region_name(region)} region (Dynamo inlined it) "
+                              f"whose values {outside[0].name} reads outside the branch")
             extra |= region
     return extra
+
+
+def _region_name(region: set[fx.Node]) -> str:
+    first = min(region, key=lambda n: list(n.graph.nodes).index(n))
+    return {"_vmap_increment_nesting": "torch.func.vmap", "_enter_autocast": "autocast"}.get(
+        getattr(first.target, "__name__", None), "torch.no_grad()")
 
 
 def _parameter_prologue(nodes: set[fx.Node], dfg) -> set[fx.Node]:
