@@ -255,10 +255,23 @@ class VmapBlock(Block):
         return x + self.mlp[2](h)
 
 
+class NoGradBlock(Block):
+    """A branch with a ``torch.no_grad()`` part (DeepSeek-V3.2's sparse-attention indexer picks tokens that way):
+    Dynamo inlines it as ``_set_grad_enabled(False)`` ... ``_set_grad_enabled(True)``."""
+
+    def forward(self, x):
+        h = self.mlp[0](self.norm(x))
+        with torch.no_grad():
+            scale = torch.sigmoid(h).mean(-1, keepdim=True)
+        return x + self.mlp[2](self.mlp[1](h)) * scale
+
+
+@pytest.mark.parametrize("block", [VmapBlock, NoGradBlock])
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
-def test_vmap_inside_a_branch_is_gated_whole_with_oracle_gradients(inner):
+def test_stateful_regions_inside_a_branch_are_gated_whole_with_oracle_gradients(block, inner):
+    """Regions of paired calls (vmap levels, grad mode) come whole into the branch that uses them."""
     torch.manual_seed(0)
-    net = Net(depth=2, block=VmapBlock)
+    net = Net(depth=2, block=block)
     reference = copy.deepcopy(net)
     x = torch.randn(4, 8)
     dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False)
