@@ -226,13 +226,12 @@ def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residua
     nodes |= _returned_views(nodes, out, dfg)
     nodes |= _cache_writes(nodes, out, dfg)
     nodes = _own_nodes(nodes, out, add, dfg.graph["metadata"])
-    # a part of a tuple made outside (``split`` in the trunk) is an input, not the tuple: pieces take tensors
-    nodes -= {n for n in nodes if n.target is operator.getitem and isinstance(n.args[0], fx.Node)
-              and n.args[0] not in nodes and gv.is_multi_output(n.args[0])}
+    nodes -= _parts_of_outside_tuples(nodes)
     if out not in nodes:
         raise _Reject("the branch output is used outside the residual add")
     nodes |= _whole_regions(nodes, add)
     nodes |= _parameter_prologue(nodes, dfg)
+    nodes -= _parts_of_outside_tuples(nodes)
     ordered = _topo(nodes, dfg)
     compute = [n for n in ordered if gv.is_compute(n, root)]
     if not compute:
@@ -266,6 +265,13 @@ def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:
         if len(parts) > 1:
             name = f"{name}.{{{','.join(parts)}}}" if name else f"{{{','.join(parts)}}}"
     return name
+
+
+def _parts_of_outside_tuples(nodes: set[fx.Node]) -> set[fx.Node]:
+    """``getitem`` parts of a tuple made outside the branch (a ``split`` in the trunk, of a weight the trunk
+    reads too): inputs of the branch, not members, so that pieces pass tensors, not the tuple."""
+    return {n for n in nodes if n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+            and n.args[0] not in nodes and gv.is_multi_output(n.args[0])}
 
 
 def _metadata_used_inside(nodes: set[fx.Node], dfg) -> set[fx.Node]:
