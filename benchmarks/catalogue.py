@@ -40,6 +40,9 @@ NOTES = {
     ("xlnet", "WRONG GRADIENT"): "by hand: dropbp's gradients equal an oracle that detaches rel_attn's output dropout "
                                  "and ff.layer_2 (4 of 4 steps); the gate name rel_attn is a module that contains its "
                                  "residual add and post-norm, which this oracle cannot express",
+    ("axk2", "WRONG GRADIENT"): "by hand: dropbp's gradients equal an oracle that detaches self_attn (eager, the "
+                                "same masks); this oracle's module chain runs from the gated norm into the "
+                                "attention's first projections (self_attn.indexer.wq_b) and detaches that instead",
 }
 MULTI_TYPES = ("llama", "olmo2", "gpt2", "mistral", "qwen2", "opt", "gemma2", "falcon")
 

@@ -239,9 +239,7 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
     ran = sorted((cs[0] for cs in by_path.values()), key=lambda c: c.pre)
     chain, why = _chain(ran[0], calls, with_params, leaves)
     on_chain = [c.path for c in chain]
-    # the chain must pass through the last member itself, not only into its submodules (AXK2's gated norm chains
-    # into the attention's first projections, whose value is not the branch's)
-    if all(any(p == m or p.startswith(m + ".") for p in on_chain) for m in members) and ran[-1].path in on_chain:
+    if all(any(p == m or p.startswith(m + ".") for p in on_chain) for m in members):
         return (None, f"gate {gate!r}: {why}") if why else (on_chain[-1], "")
     # a union whose members meet through functional ops (Bloom's attention: qkv -> ... -> dense): the value
     # of the last member to run, when every other member had finished before it started
