@@ -114,7 +114,11 @@ def count_flops(gm: fx.GraphModule, example_inputs) -> tuple[int, int]:
     """
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv())  # a shape env: ``.item()`` runs too
+    reads_data = any((n.op == "call_method" and n.target == "item") or
+                     (n.op == "call_function" and getattr(n.target, "__name__", "") == "_local_scalar_dense")
+                     for n in gm.graph.nodes)
+    # a shape env of its own lets ``.item()`` run (an unbacked int); only then: it would not know the graph's symbols
+    mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv() if reads_data else None)
     args = [pytree.tree_map(lambda v: _fake_like(mode, v), v) for v in example_inputs]  # tuples of tensors too
     if any(True for _ in gm.parameters()) or any(True for _ in gm.buffers()):  # symbolic_trace: weights inside
         from torch._dynamo.utils import deepcopy_to_fake_tensor

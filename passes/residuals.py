@@ -381,7 +381,7 @@ def _whole_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:
             regions.append(set(stack.pop()))
     extra: set[fx.Node] = set()
     for region in regions:
-        if region & nodes and not region <= nodes:
+        if region & nodes and not region <= nodes and not nodes <= region:  # a branch inside autocast is fine
             outside = [u for n in region for u in n.users if u not in nodes and u not in region and u.op != "output"]
             if outside:
                 raise _Reject(f"the branch holds part of a {_region_name(region)} region (Dynamo inlined it) "
