@@ -42,6 +42,25 @@ def _batch(seed):
     return {"input_ids": ids, "labels": ids}
 
 
+def _steps_against_the_oracle(model, inner: str, steps: int = 4):
+    """Train ``model`` through ``backend=dropbp`` (rate 0.5) and, each step, the eager oracle with the same
+    gates' modules detached: yields ``(dbp, dropped, out, ref, grads, oracle grads)``."""
+    oracle = copy.deepcopy(model)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=11, inner=inner)
+    compiled = torch.compile(model, backend=dbp)
+    for step in range(steps):
+        batch = _batch(step)
+        model.zero_grad(set_to_none=True)
+        out = compiled(**batch)
+        out.loss.backward()
+        dropped = [g for g, d in dbp.last_mask.items() if d]
+        oracle.zero_grad(set_to_none=True)
+        with detached(oracle, dropped):
+            ref = oracle(**batch)
+        ref.loss.backward()
+        yield dbp, dropped, out, ref, grads(model), grads(oracle)
+
+
 def _base_gates(factory):
     torch.manual_seed(0)
     dbp = dropbp_fx.DropBP(drop_rate=0.0, inner="eager")
@@ -62,25 +81,10 @@ def test_lora_gates_and_oracle_gradients(arch):
     for name, p in model.named_parameters():  # LoRA's B starts at zero; make gradients reach A as well
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    oracle = copy.deepcopy(model)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=11, inner="eager")
-    compiled = torch.compile(model, backend=dbp)
-
     mixed = 0
-    for step in range(4):
-        batch = _batch(step)
-        model.zero_grad(set_to_none=True)
-        out = compiled(**batch)
-        out.loss.backward()
-        dropped = [g for g, d in dbp.last_mask.items() if d]
+    for dbp, dropped, out, ref, got, want in _steps_against_the_oracle(model, "eager"):
         mixed += 0 < len(dropped) < len(dbp.gate_names)
-
-        oracle.zero_grad(set_to_none=True)
-        with detached(oracle, dropped):
-            ref = oracle(**batch)
-        ref.loss.backward()
         assert torch.equal(out.logits, ref.logits)
-        got, want = grads(model), grads(oracle)
         lora = {n for n in want if "lora_" in n}
         assert len(lora) == 2 * len(targets) * 3 if arch == "llama" else len(lora) > 0
         assert_same_grads(got, want)
@@ -119,23 +123,10 @@ def test_qlora_4bit_base_gates_and_oracle_gradients(inner):
     ``autograd_function_apply``) reading a packed ``uint8`` weight. The residual branches are gated, not the
     LoRA adds beside the 4-bit projections, and the adapters get the oracle's gradients."""
     model = _qlora()
-    oracle = copy.deepcopy(model)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=11, inner=inner)
-    compiled = torch.compile(model, backend=dbp)
     mixed = 0
-    for step in range(4):
-        batch = _batch(step)
-        model.zero_grad(set_to_none=True)
-        out = compiled(**batch)
-        out.loss.backward()
-        dropped = [g for g, d in dbp.last_mask.items() if d]
+    for dbp, dropped, out, ref, got, want in _steps_against_the_oracle(model, inner):
         mixed += 0 < len(dropped) < len(dbp.gate_names)
-        oracle.zero_grad(set_to_none=True)
-        with detached(oracle, dropped):
-            ref = oracle(**batch)
-        ref.loss.backward()
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
-        got, want = grads(model), grads(oracle)
         assert sum(g is not None for g in want.values()) > 0
         assert_same_grads(got, want, rtol=1e-4, atol=1e-5)
     assert mixed >= 2
