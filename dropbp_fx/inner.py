@@ -142,6 +142,23 @@ def is_symbolic(value) -> bool:
     return False
 
 
+def in_mode(mode, value):
+    """``value`` as a fake tensor of ``mode`` (Dynamo hands its backend a fake mode of its own, over the same
+    shape environment, while the graph's metadata holds the fake tensors it traced with), keeping what
+    ``.item()`` returns: a float Dynamo made dynamic is a 0-d tensor whose ``.item()`` is its symbol, known
+    only to the traced fake tensor (AOTAutograd's own conversion drops it, and ``.item()`` then fails with
+    ``DataDependentOutputException``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(value, FakeTensor) or value.fake_mode is mode:
+        return value
+    memo = value.item_memo
+    converted = mode.from_tensor(value)
+    if memo is not None:
+        converted.item_memo = memo
+    return converted
+
+
 class CompileCache:
     """Compiled pieces of one :class:`~dropbp_fx.DropBP`, shared by all of its graphs."""
 
@@ -208,6 +225,7 @@ class Compiled(nn.Module):
         fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         scope = torch._guards.detect_fake_mode(fakes) if self._dynamic and None not in fakes else None
         if scope is not None and scope.shape_env is not None:
+            fakes = [in_mode(scope, f) for f in fakes]
             self._symbolic = cache.get(gm, fakes, training, scope)
             self._no_grad_inputs = [i for i, a in enumerate(fakes)
                                     if isinstance(a, torch.Tensor) and not a.requires_grad]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
@@ -32,7 +33,7 @@ from passes import kernels
 def outline(gm: fx.GraphModule, nodes: list[fx.Node], make_module: Callable[[fx.GraphModule], nn.Module],
             prefix: str, first: fx.Node | None = None, class_name: str = "Outlined") -> fx.Node:
     """Replace ``nodes`` (topologically ordered) by a call to ``make_module(sub_gm)``; returns the call node."""
-    nodes = _with_bodies(gm, nodes)
+    nodes = _with_scalar_sources(gm, _with_bodies(gm, nodes))
     members = set(nodes)
     sub_gm, inputs, outputs = fuse_as_graphmodule(gm, nodes, class_name, dict.fromkeys(nodes),
                                                   always_return_tuple=True)
@@ -88,6 +89,61 @@ def _with_bodies(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.Node]:
             moved.append(copy)
             members.add(copy)
     return moved + list(nodes) if moved else nodes
+
+
+def _with_scalar_sources(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.Node]:
+    """A symbolic float the outlined nodes read is recomputed inside, from the tensor it came from.
+
+    Before::                                    After (outlining ``%h``)::
+
+        %eps = call_method[item](%eps_t)            %eps = call_method[item](%eps_t)   # for other readers
+        %h   = add(%var, %eps)                      %call = call_module[...](%var, %eps_t)
+                                                    #   inside: %eps' = item(%eps_t); %h = add(%var, %eps')
+
+    Dynamo passes a Python float it made dynamic (a norm's ``eps``, after a recompile with another value)
+    as a 0-d tensor read with ``.item()``. A piece handed the resulting ``SymFloat`` as an input is one
+    Inductor cannot compile (its C++ kernel names the symbol without declaring it); the same ``.item()``
+    inside the piece is the graph Inductor compiles without DropBP. The chain from the tensor (``item``,
+    then scalar arithmetic) is copied, and the original stays for its other readers.
+    """
+    members = set(nodes)
+
+    def scalar_chain(node: fx.Node, chain: dict) -> bool:
+        """Collect the scalar nodes from a tensor to ``node``; False where the chain does not start at tensors."""
+        if node in chain or node in members:
+            return True
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor) or node.op in ("placeholder", "get_attr"):
+            return not isinstance(value, torch.SymFloat)  # a tensor, or an input (a SymFloat input stays one)
+        if not isinstance(value, (torch.SymFloat, torch.SymInt, torch.SymBool, float, int, bool)):
+            return False
+        if not all(scalar_chain(a, chain) for a in node.all_input_nodes):
+            return False
+        chain[node] = None
+        return True
+
+    copied: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            value = arg.meta.get("example_value", arg.meta.get("val"))
+            if arg in members or arg in copied or not isinstance(value, torch.SymFloat):
+                continue
+            chain: dict[fx.Node, None] = {}
+            if not scalar_chain(arg, chain):
+                continue
+            for old in chain:  # in dependency order
+                if old in copied:
+                    continue
+                with gm.graph.inserting_before(nodes[0]):
+                    new = gm.graph.node_copy(old, lambda a: copied.get(a, a))
+                new.meta = dict(old.meta)
+                copied[old] = new
+    if not copied:
+        return nodes
+    for node in nodes:
+        for old, new in copied.items():
+            node.replace_input_with(old, new)
+    return list(copied.values()) + list(nodes)
 
 
 def free_attr(gm: fx.GraphModule, prefix: str) -> str:

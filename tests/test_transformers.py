@@ -161,3 +161,41 @@ def test_peft_model_gates_keep_module_path_names():
         compiled(**_batch(step)).loss.backward()
         assert not all(dbp.last_mask[g] for g in dbp.gate_names if g.endswith("self_attn"))
     assert dbp.gate_names == _names("base_model.model.model.layers.{}", [".self_attn", ".mlp"])
+
+
+def test_models_with_different_eps_in_one_process_under_inductor(monkeypatch):
+    """A notebook compiles several models: the second Llama, with another ``rms_norm_eps``, makes Dynamo
+    recompile the shared frames with the eps a dynamic float (a 0-d tensor read with ``.item()``). Every
+    piece that reads it gets it (before, Inductor failed with ``CppCompileError: 'zf..' was not declared``
+    or the graph fell back to eager with ``DataDependentOutputException``); gradients equal the oracle's."""
+    import warnings
+
+    from passes import outline
+
+    torch._dynamo.reset()
+    recomputed = []
+    real = outline._with_scalar_sources
+    monkeypatch.setattr(outline, "_with_scalar_sources",
+                        lambda gm, nodes: recomputed.append(len(out := real(gm, nodes)) - len(nodes)) or out)
+    for eps in (1e-6, 1e-5, 1e-4):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64, rms_norm_eps=eps)
+        model = transformers.LlamaForCausalLM(config).train()
+        oracle_model = copy.deepcopy(model)
+        dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=5, inner="inductor")
+        compiled = torch.compile(model, backend=dbp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dropbp_fx.DropBPWarning)  # no fallback, no skipped graph
+            for step in range(2):
+                batch = _batch(step)
+                model.zero_grad(set_to_none=True)
+                out = compiled(**batch)
+                out.loss.backward()
+                dropped = [g for g, d in dbp.last_mask.items() if d]
+                ref, ref_grads = _oracle_grads(oracle_model, batch, dropped, {})
+                torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+                assert_same_grads(grads(model), ref_grads, rtol=1e-4, atol=1e-5)
+        assert len(dbp.gate_names) == 2 * LAYERS
+    assert any(n > 0 for n in recomputed), "no piece recomputed a dynamic float: the test lost its subject"
