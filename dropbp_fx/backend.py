@@ -19,7 +19,7 @@ import logging
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -75,9 +75,10 @@ class GraphRecord:
 
     index: int
     gates: list[str]
-    outer: list[str]
+    nested: list[str]  # the levels of nests not gated
     skipped: list[tuple[str, str, str]]  # (add node, module path, reason)
     note: str = ""
+    nests: list[str] = field(default_factory=list)  # per nest: the level gated and why
     cut: str = ""  # a residual branch this graph ends inside of, at a graph break (see passes.breaks)
 
 
@@ -146,6 +147,7 @@ class DropBP:
         from passes.checkpoints import checkpoint_calls, replace_checkpoint_calls
         from passes.gating import gate_residual_branches
         from passes.instrument import insert_probes
+        from passes.nesting import choose_nest_levels
         from passes.residuals import find_residual_branches
 
         gated = 0
@@ -158,10 +160,14 @@ class DropBP:
         index = len(self.graphs)
         analysis = find_residual_branches(gm)
         if name_prefix:
-            for branch in analysis.branches + analysis.outer:
+            for branch in analysis.branches + analysis.nested:
                 branch.name = f"{name_prefix}.{branch.name}" if branch.name else name_prefix
-        record = GraphRecord(index, [b.name for b in analysis.branches], [b.name for b in analysis.outer],
-                             [(s.add.name, s.module, s.reason) for s in analysis.skipped])
+        if analysis.nested:
+            _propagate_shapes(gm, example_inputs)
+            choose_nest_levels(analysis, lambda branch: self._branch_backward_flops(gm, branch))
+        record = GraphRecord(index, [b.name for b in analysis.branches], [b.name for b in analysis.nested],
+                             [(s.add.name, s.module, s.reason) for s in analysis.skipped],
+                             nests=[n.describe() for n in analysis.nests])
         self.graphs.append(record)
         self._check_cut(gm, analysis, record, name_prefix)
         if not analysis.branches:
@@ -190,7 +196,7 @@ class DropBP:
             _anchor_gates(gm, example_inputs, names, name_prefix, model)
         log.info("dropbp: graph %d: %d residual branches gated (%s)%s", index, len(analysis.branches),
                  ", ".join(record.gates),
-                 f"; {len(analysis.outer)} outer nested branches left ungated" if analysis.outer else "")
+                 f"; {len(analysis.nested)} nested branches left ungated" if analysis.nested else "")
         return gated + len(analysis.branches)
 
     def _check_distributed(self) -> None:
@@ -220,7 +226,7 @@ class DropBP:
         why = describe_break(gm)
         if why is None:
             return
-        adds = {b.add for b in analysis.branches + analysis.outer} | {b.partial_sum for b in analysis.branches}
+        adds = {b.add for b in analysis.branches + analysis.nested} | {b.partial_sum for b in analysis.branches}
         cut = cut_branches(gm, adds - {None}, self._root() if self._root is not None else None)
         if not cut:
             return
@@ -264,6 +270,19 @@ class DropBP:
                 self._flops_cache[key] = _concrete(count_flops(gate.branch, values))
             gate.flops = self._flops_cache[key]
             self.controller.gates[gate.slot].flops = gate.flops
+
+    def _branch_backward_flops(self, gm: fx.GraphModule, branch) -> int:
+        """Backward FLOPs of a branch not gated yet (to choose a nest's level), from the graph's shapes; its
+        parameter elements where the graph has none."""
+        from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
+
+        from passes.flops import count_flops
+
+        sub_gm, inputs, _ = fuse_as_graphmodule(gm, branch.nodes, "Nested", dict.fromkeys(branch.nodes))
+        values = [n.meta.get("example_value", n.meta.get("val")) for n in inputs]
+        if any(v is None for v in values):
+            return branch.weight
+        return _concrete(count_flops(sub_gm, values))[1]
 
     def _unchanged(self, gm, example_inputs, index, note):
         self.graphs.append(GraphRecord(index, [], [], [], note))

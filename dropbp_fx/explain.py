@@ -43,7 +43,8 @@ class Explanation:
     """What ``torch.compile(model, backend="dropbp")`` does with this model; prints as tables."""
 
     gates: list[GateRow] = field(default_factory=list)
-    outer: list[str] = field(default_factory=list)  # nested branches left ungated (their inner ones are gated)
+    nested: list[str] = field(default_factory=list)  # the levels of nested branches left ungated
+    nests: list[str] = field(default_factory=list)  # per nest: the level gated and why
     skipped: list[SkippedAdd] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     cut: list[str] = field(default_factory=list)  # residual branches a graph break cut in two (not gated)
@@ -59,8 +60,9 @@ class Explanation:
         else:
             lines.append("no residual branch found: the model would run unchanged")
         lines.append(f"{len(self.gates)} gates in {self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)")
-        if self.outer:
-            lines.append("outer nested branches left ungated: " + ", ".join(self.outer))
+        if self.nests:
+            lines.append("nested residual branches (one level per nest is gated):")
+            lines += [f"  {n}" for n in self.nests]
         if self.skipped:
             lines.append(f"{len(self.skipped)} adds looked at and not gated (by reason; .skipped has each one):")
             by_reason: dict[str, list[str]] = {}
@@ -103,7 +105,8 @@ def explain(model: nn.Module, *example_inputs, options: dict | None = None, **ex
     report.gates = [GateRow(g.name, (g.flops[1] if g.flops else 0) / total, g.rate, _param_count(model, g.params))
                     for g in gates]
     for record in dbp.graphs:
-        report.outer += record.outer
+        report.nested += record.nested
+        report.nests += record.nests
         report.cut += [record.cut] if record.cut else []
         report.skipped += [SkippedAdd(record.index, node, module, reason) for node, module, reason in record.skipped]
         if record.note and not record.gates:

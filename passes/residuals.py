@@ -31,7 +31,8 @@ It does not fire on: RoPE (``q*cos + rot(q)*sin``), ``variance + eps``, bias and
 position-embedding adds, ``arange + offset``, mask or position-bias adds to
 attention scores, operands linked only through a shared (tied) parameter, or a
 branch without parametric compute. A branch that contains another branch is
-nested: the innermost is gated, the outer one is reported in ``outer``.
+nested: the innermost are ``branches``, the outer one is reported in ``nested``
+(:func:`passes.nesting.choose_nest_levels` then picks the level to gate).
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ class SkippedAdd:
 
 @dataclass
 class ResidualAnalysis:
-    branches: list[ResidualBranch] = field(default_factory=list)
-    outer: list[ResidualBranch] = field(default_factory=list)
+    branches: list[ResidualBranch] = field(default_factory=list)  # to gate
+    nested: list[ResidualBranch] = field(default_factory=list)  # the other levels of nests, not gated
     skipped: list[SkippedAdd] = field(default_factory=list)
+    nests: list = field(default_factory=list)  # passes.nesting.Nest: the level chosen per nest, and why
 
 
 class _Reject(Exception):
@@ -89,7 +91,7 @@ class _Reject(Exception):
 
 
 def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None) -> ResidualAnalysis:
-    """Return the residual branches of ``gm`` (innermost ones), the outer nested ones, and the adds skipped."""
+    """Return the residual branches of ``gm`` (innermost ones), the nested outer ones, and the adds skipped."""
     root = gm if root is None else root
     graph = gm.graph
     dfg = gv.data_flow_graph(graph)
@@ -123,7 +125,7 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None)
     adds = {b.add for b in found}
     for branch in found:
         members = set(branch.nodes)
-        (analysis.outer if any(a in members for a in adds) else analysis.branches).append(branch)
+        (analysis.nested if any(a in members for a in adds) else analysis.branches).append(branch)
     return analysis
 
 
@@ -430,7 +432,16 @@ def _topo(nodes, dfg) -> list[fx.Node]:
 
 
 def _name_branches(branches: list[ResidualBranch]) -> None:
-    """Name each branch by its module path; repeats (a shared layer applied twice) get ``#1``, ``#2``."""
+    """Name each branch by its module path; repeats (a shared layer applied twice) get ``#1``, ``#2``.
+
+    A branch holding another branch of the same name (its only parametric compute is the inner branch's:
+    ``x + relu(h + f(h))``) is named by the module path shared by all its nodes (``b0``, not ``b0.inner#1``).
+    """
+    for outer in branches:
+        members = set(outer.nodes)
+        if any(b is not outer and b.name == outer.name and b.add in members for b in branches):
+            paths = [p for p in (gv.module_path(n) for n in outer.nodes if n.op != "get_attr") if p]
+            outer.name = gv.common_module_path(paths) or outer.name
     seen: dict[str, int] = {}
     for branch in branches:
         base = branch.name or f"branch_{branch.add.name}"

@@ -61,13 +61,18 @@ def _one_thread():
 def found(analysis) -> tuple[dict[str, str], dict[str, str]]:
     """(gated name -> kind, outer name -> kind) of a ``ResidualAnalysis``."""
     gated = {b.name: b.kind for b in analysis.branches}
-    outer = {b.name: b.kind for b in analysis.outer}
-    assert len(gated) == len(analysis.branches) and len(outer) == len(analysis.outer), "duplicate branch names"
+    outer = {b.name: b.kind for b in analysis.nested}
+    assert len(gated) == len(analysis.branches) and len(outer) == len(analysis.nested), "duplicate branch names"
     return gated, outer
 
 
 def expected(truth: rn.Truth) -> tuple[dict[str, str], dict[str, str]]:
     return {g.name: g.kind for g in truth.gates}, dict(truth.outer)
+
+
+def gated(net: rn.Net, truth: rn.Truth) -> rn.Truth:
+    """The gates the backend must build: per nest, the level :func:`rn.resolve` picks from eager FLOPs."""
+    return rn.resolve(truth, rn.module_backward_flops(net, net.inputs(seed=0))) if truth.nests else truth
 
 
 def explain(analysis) -> str:
@@ -196,7 +201,7 @@ def force(dbp, mask_spec) -> None:
 
 def fx_transform(net: rn.Net, dbp) -> tuple[nn.Module, torch.fx.GraphModule]:
     sut = copy.deepcopy(net)
-    gm = dbp.transform(torch.fx.symbolic_trace(sut))
+    gm = dbp.transform(torch.fx.symbolic_trace(sut), list(net.inputs(seed=0)))  # shapes: FLOPs choose nest levels
     gm.graph.lint()
     return sut, gm
 
@@ -226,6 +231,7 @@ def check_everything(spec: rn.NetSpec, mask_spec=("drawn", 0.5, "topup", 0), kee
 
     dbp = make_dropbp(mask_spec, keep_one_open)
     sut, gm = fx_transform(net, dbp)
+    truth = gated(net, truth)
     assert set(dbp.gate_names) == truth.gated_names
     gates = [m for m in gm.modules() if isinstance(m, dropbp_fx.DropGate)]
     assert len(gates) == len(truth.gates)
@@ -261,6 +267,7 @@ def test_dynamo_detection_and_gradients(spec, mask_spec):
     # the first call compiles; its analysis is of the Dynamo graph, before the gates go in
     compiled, _, analysis = dynamo_capture(sut, inputs, then=dbp)
     assert found(analysis) == expected(truth), explain(analysis)
+    truth = gated(net, truth)
     assert set(dbp.gate_names) == truth.gated_names
     force(dbp, mask_spec)
     for step in (1, 2):
@@ -287,6 +294,7 @@ def check_compiled(spec: rn.NetSpec, dbp, mask_spec=None) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(sut, backend=dbp)
     compiled(*net.inputs(seed=0))  # compiles (the pieces compile on their first call)
+    truth = gated(net, truth)
     assert set(dbp.gate_names) == truth.gated_names
     if mask_spec is not None:
         force(dbp, mask_spec)
@@ -323,6 +331,10 @@ EXAMPLES = {
                                                   post_norm=True),)),
     "nested": rn.NetSpec((seq(B("nested", inner=B("mlp"))), seq(B("nested", inner=B("attn"), inner_post=True)))),
     "nested_twice": rn.NetSpec((seq(B("nested", inner=B("nested", inner=B("single")))),)),
+    # an outer branch with no compute of its own around its inner residual: the inner level is gated
+    "nested_light": rn.NetSpec((seq(B("nested", inner=B("mlp", hidden=16), light=True)),
+                                seq(B("nested", inner=B("attn"), light=True, style="post")))),
+    "nested_light_in_heavy": rn.NetSpec((seq(B("nested", inner=B("nested", inner=B("mlp"), light=True))),)),
     "nested_in_parallel": rn.NetSpec((rn.BlockSpec("parallel", (B("nested", inner=B("mlp")), B("attn")),
                                                    assoc="right"),)),
     "repeated_block": rn.NetSpec((seq(B("mlp")), seq(B("nested", inner=B("single")), B("mlp", flat=True))),
@@ -408,7 +420,7 @@ def test_example_decoys_only():
     inputs = rn.Net(rn.NetSpec(stem="tied")).double().inputs()
     gm = torch.fx.symbolic_trace(copy.deepcopy(net))
     analysis = find_residual_branches(gm)
-    assert not analysis.branches and not analysis.outer, [b.name for b in analysis.branches + analysis.outer]
+    assert not analysis.branches and not analysis.nested, [b.name for b in analysis.branches + analysis.nested]
     assert len(analysis.skipped) == 9 and all(s.reason for s in analysis.skipped), explain(analysis)
     dbp = dropbp_fx.DropBP(inner="eager")
     out = dbp.transform(gm)(*inputs)
@@ -424,7 +436,7 @@ def test_example_dynamo(name):
     compiled, _, analysis = dynamo_capture(sut, net.inputs(seed=0), then=dbp)
     assert found(analysis) == expected(truth), explain(analysis)
     force(dbp, ALTERNATE)
-    mask = check_step(compiled, sut, ref, net, truth, dbp, 1)
+    mask = check_step(compiled, sut, ref, net, gated(net, truth), dbp, 1)
     assert list(mask.values())[:2] == [True, False][:len(mask)]
     torch._dynamo.reset()
 
@@ -550,4 +562,22 @@ def test_regression_shared_norm_with_inplace_residual_add(mask_spec):
     write's value (a data edge), and ``ln`` gets its own segment."""
     check_compiled(SHARED_LN_INPLACE, dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", keep_one_open=False,
                                                        inner="aot_eager"), mask_spec)
+
+
+@pytest.mark.parametrize("name, level", [("nested", "outer"), ("nested_twice", "outer"), ("nested_light", "inner"),
+                                         ("nested_light_in_heavy", "outer")])
+def test_nest_levels(name, level):
+    """Per nest, the level gated is the one the eager FLOPs say leaves the most backward droppable (the outer
+    branch at >= 1.25x the inner's), both levels occur, ``explain`` says which and why, and the gradients equal
+    the oracle's at that level."""
+    net, truth = rn.build(EXAMPLES[name])
+    want = gated(net, truth)
+    top_level = {o.name for o, _ in truth.nests}
+    assert (top_level <= want.gated_names) == (level == "outer")
+    report = dropbp_fx.explain(copy.deepcopy(net), *net.inputs(seed=0))
+    assert {g.name for g in report.gates} == want.gated_names
+    assert len(report.nests) == len(truth.nests) and all(f"({level})" in n for n in report.nests), report.nests
+    assert "one level per nest is gated" in str(report)
+    check_compiled(EXAMPLES[name], dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", seed=2, keep_one_open=True,
+                                                    inner="aot_eager"))
 
