@@ -277,12 +277,16 @@ class DropBP:
         from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
         from passes.flops import count_flops
+        from passes.graph_view import structure_key
 
         sub_gm, inputs, _ = fuse_as_graphmodule(gm, branch.nodes, "Nested", dict.fromkeys(branch.nodes))
         values = [n.meta.get("example_value", n.meta.get("val")) for n in inputs]
         if any(v is None for v in values):
             return branch.weight
-        return _concrete(count_flops(sub_gm, values))[1]
+        key = (structure_key(sub_gm), input_key(values))  # identical layers counted once, as in _count_flops
+        if key not in self._flops_cache:
+            self._flops_cache[key] = _concrete(count_flops(sub_gm, values))
+        return self._flops_cache[key][1]
 
     def _unchanged(self, gm, example_inputs, index, note):
         self.graphs.append(GraphRecord(index, [], [], [], note))

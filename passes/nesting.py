@@ -57,11 +57,12 @@ class Nest:
 def choose_nest_levels(analysis: ResidualAnalysis,
                        backward_flops: Callable[[ResidualBranch], int]) -> ResidualAnalysis:
     """Gate, per nest, the outer branch or the branches inside it (see the module docstring); in place."""
-    everything = {b.name: b for b in analysis.branches + analysis.nested}
     if not analysis.nested:
         return analysis
-    holds = {name: {o for o, c in everything.items() if o != name and c.add in set(b.nodes)}
-             for name, b in everything.items()}  # name -> the names of the branches inside it
+    everything = {b.name: b for b in analysis.branches + analysis.nested}
+    members = {name: set(b.nodes) for name, b in everything.items()}
+    holds = {name: {o for o, c in everything.items() if o != name and c.add in members[name]}
+             for name in everything}  # name -> the names of the branches inside it
 
     def children(name: str) -> list[str]:  # the branches directly inside ``name``
         return [c for c in holds[name] if not any(c in holds[o] for o in holds[name] if o != c)]
