@@ -145,6 +145,7 @@ class DropBP:
     def _rewrite(self, gm: fx.GraphModule, example_inputs, name_prefix: str) -> int:
         """Gate the residual branches of ``gm`` and of its checkpointed regions; returns how many."""
         from passes.checkpoints import checkpoint_calls, replace_checkpoint_calls
+        from passes.dead_code import remove_dead_code
         from passes.gating import gate_residual_branches
         from passes.instrument import insert_probes
         from passes.nesting import choose_nest_levels
@@ -158,6 +159,7 @@ class DropBP:
             replace_checkpoint_calls(gm, Checkpointed)
 
         index = len(self.graphs)
+        remove_dead_code(gm)  # a discarded value (a module's returned attention probabilities) is no reader
         analysis = find_residual_branches(gm)
         if name_prefix:
             for branch in analysis.branches + analysis.nested:

@@ -28,6 +28,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.tools_common import stable_topological_sort
 
 from dropbp_fx.gate import DropGate
+from passes.dead_code import remove_dead_code
 from passes.outline import outline
 from passes.residuals import ResidualBranch, find_residual_branches
 
@@ -61,6 +62,7 @@ class GateResidualBranches(PassBase):
         self.analysis = None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        remove_dead_code(graph_module)
         self.analysis = find_residual_branches(graph_module)
         gate_residual_branches(graph_module, self.analysis.branches, self.controller)
         return PassResult(graph_module, bool(self.analysis.branches))

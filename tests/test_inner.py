@@ -11,7 +11,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import dropbp_fx
-from tests.oracle import assert_same_grads, grads
+from tests.oracle import assert_same_grads, detached, grads
 from tests.test_runtime import Block
 from tests.test_transformers import MODELS, _batch, _oracle_grads
 
@@ -193,3 +193,54 @@ def test_trunk_value_read_only_by_closed_gates_gets_no_gradient(inner):
         assert [g for g, d in dbp.last_mask.items() if d] == closed
         assert (net[1].ln.weight.grad is None) == expect_none
         assert net[0].weight.grad is not None  # the trunk below still trains through the skip
+
+
+class _ProbsAttention(nn.Module):
+    """An attention that also returns a view of its probabilities, which the caller discards (ProphetNet's
+    n-gram self-attention returns ``main_attn_probs.view(...)``; output_attentions is off)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        probs = torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1), dim=-1)
+        return self.o(probs @ self.v(x)), probs.view(probs.shape[0], -1)
+
+
+class _DiscardedProbsBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.attn = _ProbsAttention(d)
+
+    def forward(self, x):
+        out, _ = self.attn(self.ln(x))
+        return x + out
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_discarded_view_of_a_branch_value_leaves_the_branch_whole(inner):
+    """Regression (ProphetNet): Dynamo keeps the unread ``probs.view(...)``; read as a use outside the branch,
+    it pulled ``q``, ``k`` and the softmax into the trunk (their backward never dropped), where an AOT-compiled
+    trunk segment handed ``q``/``k`` zeros, not ``None``, when the gate was closed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), _DiscardedProbsBlock(), _DiscardedProbsBlock(), nn.Linear(16, 1))
+    oracle_model = copy.deepcopy(net)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner)
+    compiled = torch.compile(net, backend=dbp)
+    x = torch.randn(2, 5, 16)
+    compiled(x).sum().backward()
+    assert dbp.gate_names == ["1.attn", "2.attn"]
+    for gate in dbp.controller.gates:  # the whole attention (and the norm before it) is the branch
+        block = gate.name.split(".")[0]
+        assert {f"{block}.attn.{p}.weight" for p in "qkvo"} | {f"{block}.ln.weight"} <= gate.params, gate.params
+    for closed in (["1.attn"], ["1.attn", "2.attn"], []):
+        _force(dbp, closed)
+        net.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+        assert [g for g, d in dbp.last_mask.items() if d] == closed
+        oracle_model.zero_grad(set_to_none=True)
+        with detached(oracle_model, closed):
+            oracle_model(x).sum().backward()
+        assert_same_grads(grads(net), grads(oracle_model), rtol=1e-4, atol=1e-5)
