@@ -152,6 +152,21 @@ def is_alias(node: fx.Node) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# stateful regions: paired calls Dynamo inlines (``torch.no_grad()``, ``torch.func.vmap``, autocast)
+# ---------------------------------------------------------------------------
+def opens_region(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", None)
+    return name in ("_vmap_increment_nesting", "_enter_autocast") or (
+        name == "_set_grad_enabled" and node.args[:1] == (False,))
+
+
+def closes_region(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", None)
+    return name in ("_vmap_decrement_nesting", "_exit_autocast") or (
+        name == "_set_grad_enabled" and node.args[:1] == (True,))
+
+
+# ---------------------------------------------------------------------------
 # in-place ops
 # ---------------------------------------------------------------------------
 def mutates_first_arg(node: fx.Node) -> bool:
@@ -367,6 +382,22 @@ def reaches(g: nx.DiGraph, source: fx.Node, sink: fx.Node) -> bool:
             continue
         seen.add(node)
         stack.extend(g.predecessors(node))
+    return False
+
+
+def reaches_avoiding(g: nx.DiGraph, source: fx.Node, sink: fx.Node, avoid: set[fx.Node]) -> bool:
+    """True when a data path leads from ``source`` to ``sink`` through none of the nodes in ``avoid``."""
+    hi = g.nodes[sink]["index"]
+    seen = set()
+    stack = [source]
+    while stack:
+        node = stack.pop()
+        if node is sink:
+            return True
+        if node in seen or node in avoid or g.nodes[node]["index"] > hi:
+            continue
+        seen.add(node)
+        stack.extend(g.successors(node))
     return False
 
 

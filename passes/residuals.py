@@ -25,7 +25,9 @@ Shapes it recognises:
 * parallel branches ``x + attn(ln(x)) + mlp(ln(x))``, in either association, also under a dropout of
   their sum (Falcon): one branch per term;
 * projection shortcuts ``f(x) + proj(x)``: the heavier operand is the branch, the
-  single projection stays the skip.
+  single projection stays the skip;
+* a branch scaled by a light factor computed from the stream beside it, ``x + s(x) * f(x)``
+  (hyper-connections' per-stream output weights): the branch is ``f``, the factor stays in the trunk.
 
 It does not fire on: RoPE (``q*cos + rot(q)*sin``), ``variance + eps``, bias and
 position-embedding adds, ``arange + offset``, mask or position-bias adds to
@@ -157,7 +159,8 @@ def _stream_root(dfg, stream_parent, skip: fx.Node, out: fx.Node) -> fx.Node | N
 def _identity_branches(add, skip, out, stream, dfg, stream_parent, root) -> list[ResidualBranch]:
     terms = _split_parallel(out, add, stream, dfg, root)
     kind = "parallel" if len(terms) > 1 else "identity"
-    branches = [_make_branch(consumer, skip, term, stream, kind, dfg, stream_parent, root, residual_add=add)
+    branches = [_make_branch(consumer, skip, *_unscaled(term, consumer, stream, dfg, root), stream, kind, dfg,
+                             stream_parent, root, residual_add=add)
                 for term, consumer in terms]
     if kind == "parallel":
         for branch, (_, consumer) in zip(branches, terms):
@@ -194,30 +197,79 @@ def _split_parallel(out: fx.Node, consumer: fx.Node, stream: fx.Node, dfg, root)
     return _split_parallel(a, out, stream, dfg, root) + _split_parallel(b, out, stream, dfg, root)
 
 
+def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tuple[fx.Node, fx.Node]:
+    """``x + s(x) * f(x)``, ``s`` a light factor computed from the stream beside ``f``: the branch is ``f``.
+
+    A hyper-connection (HY-V4, DeepSeek-V4: several residual streams) weighs the branch per stream with
+    weights computed from the streams, ``x + post(x) ⊗ f(mix(x))``; a gated residual scales it by
+    ``sigmoid(W x)``. Such a factor is computed from the stream outside ``f``: it keeps its gradient when
+    the gate is closed (eager with ``f`` detached), so it and the product stay in the trunk. It must be
+    light (at most one projection deep, lighter than ``f``), and not ``f``'s own input projection
+    (``f(h) * sigmoid(h)``, ``h = W x``, is one branch: the stream reaches ``f`` only through it).
+
+    Before::                                 After::
+
+        x ──► s ───────────┐                     x ──► s ───────────┐
+        └───► [ f ] ──► mul(s, f) ──► add        └───► [ f ] ──► mul(s, f) ──► add
+              └── branch ──────┘                       └ branch ┘
+
+    Returns (the branch output, the node that reads it): ``(out, reader)`` when ``out`` is no such product.
+    """
+    product = out
+    while gv.is_alias(product) and isinstance(product.args[0], fx.Node) and len(product.args[0].users) == 1:
+        product = product.args[0]  # ``(s * f).to(dtype)``
+    if not (_is_mul(product) and len(product.args) == 2 and all(isinstance(t, fx.Node) for t in product.args)):
+        return out, reader
+    a, b = product.args
+    if not (gv.reaches(dfg, stream, a) and gv.reaches(dfg, stream, b)) or gv.reaches(dfg, a, b) \
+            or gv.reaches(dfg, b, a):
+        return out, reader
+    paths = {t: _path(dfg, stream, t, root) for t in (a, b)}
+    heavy, light = sorted((a, b), key=lambda t: paths[t][0], reverse=True)
+    if paths[heavy][1] < 2 or paths[light][1] > 1 or paths[heavy][0] <= paths[light][0]:
+        return out, reader
+    if not gv.reaches_avoiding(dfg, stream, heavy, set(paths[light][2])):
+        return out, reader
+    return heavy, product
+
+
+_MULS = {operator.mul, torch.mul, torch.Tensor.mul}
+
+
+def _is_mul(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _MULS or getattr(node.target, "overloadpacket", None) is torch.ops.aten.mul
+    return node.op == "call_method" and node.target in ("mul", "__mul__", "__rmul__")
+
+
+def _path(dfg, stream: fx.Node, term: fx.Node, root) -> tuple[int, int, list[fx.Node]]:
+    """(parameter elements, compute depth, compute nodes) of the nodes between ``stream`` and ``term``."""
+    nodes = _topo(gv.between(dfg, stream, term), dfg)
+    compute = [n for n in nodes if gv.is_compute(n, root)]
+    weight = sum(gv.node_weight(n, root, dfg.graph["constants"]) for n in compute)
+    return weight, gv.compute_depth(nodes, root), compute
+
+
 def _projection_branch(add, a, b, dfg, stream_parent, root) -> ResidualBranch:
     """``f(x) + proj(x)``: gate ``f`` when it is deeper and heavier than a single projection."""
     common = (nx.ancestors(dfg, a) | {a}) & (nx.ancestors(dfg, b) | {b})
     if not common:
         raise _Reject("operands share no data (position embeddings, masks, tied weights): not a residual stream")
     stream = max(common, key=lambda n: dfg.nodes[n]["index"])
-    paths = {}
-    for term in (a, b):
-        nodes = _topo(gv.between(dfg, stream, term), dfg)
-        compute = [n for n in nodes if gv.is_compute(n, root)]
-        weight = sum(gv.node_weight(n, root, dfg.graph["constants"]) for n in compute)
-        paths[term] = (weight, gv.compute_depth(nodes, root), compute)
+    paths = {term: _path(dfg, stream, term, root) for term in (a, b)}
     heavy, light = sorted((a, b), key=lambda t: paths[t][0], reverse=True)
     if not paths[heavy][2]:
         raise _Reject("no matmul, linear, conv or attention between the stream and either operand")
     if paths[heavy][1] < 2 or paths[light][1] > 1 or paths[heavy][0] == paths[light][0]:
         raise _Reject("two computed operands of one stream, but not a deep branch beside a single projection "
                       "(a LoRA or split projection, not a residual)")
-    return _make_branch(add, light, heavy, stream, "projection", dfg, stream_parent, root)
+    return _make_branch(add, light, heavy, add, stream, "projection", dfg, stream_parent, root)
 
 
-def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residual_add=None) -> ResidualBranch:
-    """The branch computing ``out`` from ``stream``; ``add`` consumes ``out`` (for a parallel term, the
-    partial sum; ``residual_add`` is then the add with the skip)."""
+def _make_branch(add, skip, out, reader, stream, kind, dfg, stream_parent, root, residual_add=None) -> ResidualBranch:
+    """The branch computing ``out`` from ``stream``; ``reader`` reads ``out`` (the add, or the product with a
+    factor of :func:`_unscaled`); ``add`` is the add that consumes it (for a parallel term, the partial sum;
+    ``residual_add`` is then the add with the skip)."""
     nodes = gv.between(dfg, stream, out)
     for node in nodes:  # the stream must not reach ``out`` only by way of another residual stream
         inner_skip = stream_parent.get(node) if gv.is_add(node) else None
@@ -227,7 +279,7 @@ def _make_branch(add, skip, out, stream, kind, dfg, stream_parent, root, residua
     nodes |= _metadata_used_inside(nodes, dfg)
     nodes |= _returned_views(nodes, out, dfg)
     nodes |= _cache_writes(nodes, out, dfg)
-    nodes = _own_nodes(nodes, out, add, dfg.graph["metadata"])
+    nodes = _own_nodes(nodes, out, reader, dfg.graph["metadata"])
     nodes -= _parts_of_outside_tuples(nodes)
     if out not in nodes:
         raise _Reject("the branch output is used outside the residual add")
@@ -354,18 +406,6 @@ def _is_factory(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target in _FACTORY_METHODS)
 
 
-def _opens_region(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", None)
-    return name in ("_vmap_increment_nesting", "_enter_autocast") or (
-        name == "_set_grad_enabled" and node.args[:1] == (False,))
-
-
-def _closes_region(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", None)
-    return name in ("_vmap_decrement_nesting", "_exit_autocast") or (
-        name == "_set_grad_enabled" and node.args[:1] == (True,))
-
-
 def _whole_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:
     """Stateful regions Dynamo inlines as a pair of calls: ``torch.no_grad()`` (``_set_grad_enabled(False)``
     ... ``(True)``: DeepSeek-V3.2's sparse-attention indexer), ``torch.func.vmap`` (``_vmap_increment_nesting``
@@ -374,12 +414,12 @@ def _whole_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:
     region the branch touches comes whole, or the add is not gated."""
     regions, stack = [], []
     for node in add.graph.nodes:
-        if _opens_region(node):
+        if gv.opens_region(node):
             stack.append([node])
             continue
         for open_region in stack:
             open_region.append(node)
-        if _closes_region(node) and stack:
+        if gv.closes_region(node) and stack:
             regions.append(set(stack.pop()))
     extra: set[fx.Node] = set()
     for region in regions:
@@ -412,14 +452,14 @@ def _parameter_prologue(nodes: set[fx.Node], dfg) -> set[fx.Node]:
     return found
 
 
-def _own_nodes(nodes: set[fx.Node], out: fx.Node, add: fx.Node, metadata: set[fx.Node]) -> set[fx.Node]:
+def _own_nodes(nodes: set[fx.Node], out: fx.Node, reader: fx.Node, metadata: set[fx.Node]) -> set[fx.Node]:
     """Keep the nodes whose every user is in the branch (or the graph output); shared ones become inputs."""
     nodes = set(nodes)
     changed = True
     while changed:
         changed = False
         for n in list(nodes):
-            allowed = (add,) if n is out else ()
+            allowed = (reader,) if n is out else ()
             outside = (u for u in n.users if u not in nodes and u.op != "output" and u not in allowed)
             if any(u not in metadata for u in outside):  # ``y.dtype`` reads metadata, not the value
                 nodes.discard(n)

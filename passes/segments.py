@@ -123,12 +123,21 @@ def _gate_consumers(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool]) -> d
     """Node -> the gate calls and graph output it feeds (directly or through trunk nodes); None for metadata-only.
 
     The output counts as a consumer like a gate: a KV-cache tensor that goes to a closed gate and to the
-    output gets no gradient unless the caller's loss reads the output.
+    output gets no gradient unless the caller's loss reads the output. A stateful region between two gates
+    (see :func:`_regions`) counts as one node: its calls and every node inside feed what the region feeds.
     """
+    def gate_or_part(node):
+        return is_gate(node) or (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+                                 and is_gate(node.args[0]))
+
+    unit = {n: region for region in _regions(gm.graph.nodes, gate_or_part) for n in region}
     feeds: dict[fx.Node, frozenset | None] = {}
     for node in reversed(gm.graph.nodes):
+        if node in feeds:
+            continue
+        members = unit.get(node, (node,))  # a region is met at its last call: its readers outside come after it
         reached: set[fx.Node] | None = set()
-        for user in node.users:
+        for user in (u for m in members for u in m.users if u not in members):
             if is_gate(user) or user.op == "output":
                 reached.add(user)
             elif feeds.get(user) is not None:
@@ -136,8 +145,28 @@ def _gate_consumers(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool]) -> d
             else:
                 reached = None
                 break
-        feeds[node] = frozenset(reached) if reached else None
+        feeds.update(dict.fromkeys(members, frozenset(reached) if reached else None))
     return feeds
+
+
+def _regions(nodes, is_gate: Callable[[fx.Node], bool]) -> list[list[fx.Node]]:
+    """The outermost stateful regions (``torch.no_grad()``, vmap, autocast: paired calls Dynamo inlines) that hold
+    no gate call, each with its calls.
+
+    Such a region goes whole to one segment: split, a part runs outside its mode. HY-V4's sparse-attention
+    indexer runs under ``torch.no_grad()`` and only gates read its top-k; alone in a gate-only segment, without
+    the ``_set_grad_enabled`` calls, it ran with grad on and its weights got zeros instead of no gradient.
+    """
+    regions, stack = [], []
+    for node in nodes:
+        if gv.opens_region(node):
+            stack.append([])
+        for region in stack:
+            region.append(node)
+        if gv.closes_region(node) and stack:
+            regions.append(stack.pop())
+    free = [r for r in regions if not any(is_gate(n) for n in r)]
+    return [r for r in free if not any(len(o) > len(r) and set(r) <= set(o) for o in free)]
 
 
 def _by_consumers(run: list[fx.Node], feeds: dict[fx.Node, frozenset | None]) -> list[list[fx.Node]]:
@@ -147,9 +176,16 @@ def _by_consumers(run: list[fx.Node], feeds: dict[fx.Node, frozenset | None]) ->
     position bias: a value that only gates read gets no gradient when they are all closed. In a segment
     of its own, that segment's backward then never runs and its parameters keep ``grad=None``, as in
     eager; inside a larger segment the compiled backward would hand them zeros. Gate-only groups come
-    first (the rest never reads them); order inside each group is kept.
+    first (the rest never reads them); order inside each group is kept. A stateful region (one value of
+    ``feeds``) goes whole to one group, or whole to the rest.
     """
-    pinned = _around_writes(run)
+    pinned, members = _around_writes(run), set(run)
+    for region in _regions(run, lambda node: False):
+        if pinned.intersection(region):
+            pinned.update(region)
+    for node in reversed(run):  # and what they read in the run: the rest never reads a gate-only group
+        if node in pinned:
+            pinned.update(a for a in node.all_input_nodes if a in members)
     groups: dict[frozenset, list[fx.Node]] = {}
     for node in run:
         if feeds[node] is not None and node not in pinned:

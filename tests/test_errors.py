@@ -288,3 +288,43 @@ def test_stateful_regions_inside_a_branch_are_gated_whole_with_oracle_gradients(
             reference(x).backward()
         assert_same_grads(grads(net), grads(reference))
     torch._dynamo.reset()
+
+
+class SharedNoGradNet(Net):
+    """A trunk part under ``torch.no_grad()`` read only by gates (HY-V4's sparse-attention indexer, whose top-k
+    the next layer reuses): the weights ``pick`` chooses feed every block's branch."""
+
+    def __init__(self):
+        super().__init__(depth=2)
+        self.pick = nn.Linear(8, 8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            w = torch.sigmoid(self.pick(x))
+        for b in self.blocks:
+            x = x + b.mlp(b.norm(x) * w)
+        return self.head(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_stateful_region_in_the_trunk_stays_whole_in_its_segment(inner):
+    """Split from its ``_set_grad_enabled`` calls into a gate-only segment, the region ran with grad on under an
+    AOT-based inner compiler: ``pick`` got a gradient where eager gives none (inner eager: no trunk segments)."""
+    torch.manual_seed(0)
+    net = SharedNoGradNet()
+    reference = copy.deepcopy(net)
+    x = torch.randn(4, 8)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x)
+    assert dbp.gate_names == ["blocks.0.mlp", "blocks.1.mlp"], dbp.gate_names
+    for dropped in ({"blocks.0.mlp"}, {"blocks.0.mlp", "blocks.1.mlp"}, set()):
+        net.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+        dbp.controller.set_rates({name: 1 - 1e-9 if name in dropped else 0.0 for name in dbp.gate_names})
+        compiled(x).backward()
+        with detached(reference, sorted(dropped)):
+            reference(x).backward()
+        assert net.pick.weight.grad is None
+        assert_same_grads(grads(net), grads(reference))
+    torch._dynamo.reset()

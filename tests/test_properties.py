@@ -564,6 +564,68 @@ def test_regression_shared_norm_with_inplace_residual_add(mask_spec):
                                                        inner="aot_eager"), mask_spec)
 
 
+class StreamMix(nn.Module):
+    """A hyper-connection's weights (HY-V4, DeepSeek-V4), computed from ``n`` residual streams: ``pre`` mixes
+    them into the branch input, ``post`` spreads the branch output back over them."""
+
+    def __init__(self, n=3, d=8):
+        super().__init__()
+        self.n = n
+        self.fn = nn.Parameter(0.3 * torch.randn(2 * n, n * d))
+        self.base = nn.Parameter(torch.zeros(2 * n))
+
+    def forward(self, x):  # x: (..., n, d)
+        mixes = nn.functional.linear(x.flatten(-2), self.fn) * torch.rsqrt(x.flatten(-2).pow(2).mean(-1, True) + 1e-6)
+        pre, post = torch.sigmoid(mixes + self.base).split(self.n, dim=-1)
+        return post, (pre.unsqueeze(-1) * x).sum(-2)
+
+
+class HyperConnected(nn.Module):
+    """``x + post(x) ⊗ f(mix_pre(x))`` per block, ``f`` the MLP. ``post`` is computed from the stream outside
+    ``f``: with ``f`` dropped it keeps its gradient, as in eager with ``f`` detached (``mix.fn`` still trains
+    through its ``post`` rows)."""
+
+    def __init__(self, depth=2, n=3, d=8):
+        super().__init__()
+        self.n = n
+        self.blocks = nn.ModuleList(nn.ModuleDict({"mix": StreamMix(n, d), "norm": rn.RMSNorm(d), "mlp": nn.Sequential(
+            nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))}) for _ in range(depth))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n, x.shape[-1]).contiguous()
+        for block in self.blocks:
+            post, h = block["mix"](x)
+            x = x + post.unsqueeze(-1) * block["mlp"](block["norm"](h)).unsqueeze(-2)
+        return self.head(x.sum(-2)).pow(2).mean()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_regression_hyper_connection_weights_stay_in_the_trunk(inner):
+    """HY-V4 (catalogue): the branch's output scaled by weights computed from the streams was gated whole, so a
+    dropped branch left the hyper-connection's ``fn`` with no gradient (the oracle's: set), and the gate was
+    named ``{attn_hc,self_attn}`` or ``self_attn`` by layer. The factor now stays in the trunk."""
+    torch.manual_seed(0)
+    net = HyperConnected().double()
+    reference = copy.deepcopy(net)
+    x = torch.randn(rn.BATCH, rn.T, 8, dtype=torch.double)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x)
+    assert dbp.gate_names == ["blocks.0.mlp", "blocks.1.mlp"], dbp.gate_names
+    for dropped in ({"blocks.0.mlp"}, {"blocks.1.mlp"}, {"blocks.0.mlp", "blocks.1.mlp"}, set()):
+        net.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+        dbp.controller.set_rates({name: ALWAYS if name in dropped else 0.0 for name in dbp.gate_names})
+        compiled(x).backward()
+        assert {g for g, d in dbp.last_mask.items() if d} == dropped
+        with detached(reference, sorted(dropped)):
+            reference(x).backward()
+        assert_same_grads(grads(net), grads(reference), rtol=1e-9, atol=1e-12)
+        assert all(net.blocks[i]["mix"].fn.grad is not None for i in range(2))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name, level", [("nested", "outer"), ("nested_twice", "outer"), ("nested_light", "inner"),
                                          ("nested_light_in_heavy", "outer")])
 def test_nest_levels(name, level):
