@@ -7,9 +7,11 @@ it on the steps that gate was dropped). It is found from the gate name and one r
 with plain PyTorch (nothing of dropbp's analysis): the gate's module (for a union ``p.{a,b}``: its first
 member to run), then, while the value it returned is the *only* tensor input of a later module (and has not
 been changed in place), that module -- a sandwich post-norm (Gemma2, OLMo2), BERT's output dense and
-dropout. A union whose members are not all on that chain, a gate that is not a module path, or a module
-that runs more than once per forward: "oracle cannot map gate" (the gradients of the steps that dropped
-no such gate are still checked).
+dropout. From there the branch goes on through the ops that read only its value and parameters broadcast
+onto it (``(f(x) + b) * s`` inside a module that also takes the skip: Zaya's residual scaling), which
+``tests/oracle.py`` runs detached too. A union whose members are not all on that chain, a gate that is
+not a module path, or a module that runs more than once per forward: "oracle cannot map gate" (the
+gradients of the steps that dropped no such gate are still checked).
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def _oracle_step(oracle, batch, dropped, targets, skip_kept):
     """The oracle's forward and backward for one step's mask."""
     oracle.zero_grad(set_to_none=True)
     plain = [targets[g] for g in dropped if g in targets and g not in skip_kept]
-    with detached(oracle, plain), skip_detached(oracle, [g for g in dropped if g in skip_kept]):
+    with detached(oracle, plain, through_constants=True), skip_detached(oracle, [g for g in dropped if g in skip_kept]):
         ref = oracle(**batch)
     loss_of(ref).backward()
     return ref

@@ -26,8 +26,9 @@ After (``split_trunk(gm, is_gate)``)::
 
 Within a run, values that only gates (and the graph output) read get segments of their own, one per
 set of readers (see :func:`_by_consumers`): when all their gates are closed, such a segment's backward
-never runs and its parameters keep ``grad=None``, as in eager. Runs that compute nothing but metadata
-(sizes, dtypes) stay inline.
+never runs and its parameters keep ``grad=None``, as in eager. Values nobody reads
+are dropped first (:func:`passes.dead_code.remove_dead_code`). Runs that compute nothing but metadata (sizes, dtypes)
+stay inline.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import nn
 from torch.fx.passes.tools_common import stable_topological_sort
 
 from passes import graph_view as gv
+from passes.dead_code import remove_dead_code
 from passes.outline import outline
 
 
@@ -48,6 +50,7 @@ def split_trunk(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool],
                 make_module: Callable[[fx.GraphModule], nn.Module] = lambda sub_gm: sub_gm,
                 prefix: str = "dropbp_trunk") -> list[str]:
     """Outline each run of trunk nodes between gate calls; returns the new submodules' names."""
+    remove_dead_code(gm)  # a dead reader (Zaya's unused ``r.clone()``) would keep a value from its gate's segment
     runs: list[list[fx.Node]] = [[]]
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):

@@ -9,7 +9,8 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 def _detach(value):
@@ -17,15 +18,68 @@ def _detach(value):
 
 
 @contextlib.contextmanager
-def detached(model: nn.Module, module_paths):
-    """Forward hooks that ``.detach()`` every tensor output of the modules at ``module_paths``."""
-    handles = [model.get_submodule(p).register_forward_hook(lambda mod, args, out: tree_map(_detach, out))
-               for p in module_paths]
+def detached(model: nn.Module, module_paths, through_constants: bool = False):
+    """Forward hooks that ``.detach()`` every tensor output of the modules at ``module_paths``.
+
+    ``through_constants``: the branch goes on through the ops that read only its values and the model's
+    constants broadcast onto them (a bias, a scale: ``(f(x) + b) * s`` before the add with the skip, in a
+    module that also takes the skip); those run on detached inputs, so their parameters get no gradient.
+    """
+    mode = _BranchOps(model) if through_constants and module_paths else None
+
+    def hook(mod, args, out):
+        out = tree_map(_detach, out)
+        if mode is not None:
+            mode.mark(out)
+        return out
+
+    handles = [model.get_submodule(p).register_forward_hook(hook) for p in module_paths]
     try:
-        yield
+        with mode if mode is not None else contextlib.nullcontext():
+            yield
     finally:
         for h in handles:
             h.remove()
+
+
+class _BranchOps(TorchFunctionMode):
+    """Runs an op on detached inputs when it reads a branch value and, besides, only constants (parameters,
+    buffers and values made from them alone) with fewer elements than that value; its result is a branch
+    value too. Any other op runs as it is, and a value it writes in place stops being a branch value."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.branch: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive: ids stay unique)
+        self.constants: dict[int, torch.Tensor] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+
+    def mark(self, value, table=None) -> None:
+        table = self.branch if table is None else table
+        for t in tree_flatten(value)[0]:
+            if isinstance(t, torch.Tensor):
+                table[id(t)] = t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        branch = [t for t in tensors if id(t) in self.branch]
+        if branch:
+            size = max(t.numel() for t in branch)
+            if all(id(t) in self.branch or (id(t) in self.constants and t.numel() < size) for t in tensors):
+                out = func(*tree_map(_detach, args), **tree_map(_detach, kwargs))
+                self.mark(out)
+                return out
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if args and isinstance(args[0], torch.Tensor) and (
+                name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__"):
+            self.branch.pop(id(args[0]), None)  # written in place by a non-branch op
+            self.constants.pop(id(args[0]), None)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.branch.pop(id(t), None)
+        if all(id(t) in self.constants for t in tensors):  # ``W.T``, ``1 + w``, ``torch.tensor(0.5)``
+            self.mark(out, self.constants)
+        return out
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:

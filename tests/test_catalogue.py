@@ -5,6 +5,7 @@ plus 2 types that rotate with the date, under the aot_eager inner compiler (abou
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -100,6 +101,64 @@ def test_oracle_target_follows_post_norms_and_unions():
     assert oracle_target("block.{fc1,fc2}", calls, modules, params, leaves) == ("block.fc2", "")
     assert oracle_target("block.{b,c}", calls, modules, params, leaves)[0] is None  # not module paths
     assert oracle_target("block.drop", calls, modules, params, leaves)[0] is None  # runs twice
+
+
+class _ResidualScaling(nn.Module):
+    """Zaya's residual add: ``(h + b) * s + (r + rb) * rs``, one module taking the branch value and the skip."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.b, self.s, self.rb, self.rs = (nn.Parameter(torch.randn(d)) for _ in range(4))
+
+    def forward(self, h, r):
+        return (h + self.b) * self.s + (r + self.rb) * self.rs
+
+
+class ScaledNet(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(4, d))
+        self.inp, self.scale, self.out = nn.Linear(d, d), _ResidualScaling(d), nn.Linear(d, 1)
+        self.attn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.mlp = nn.Linear(d, d)
+
+    def forward(self, x, latents=False):
+        if latents:  # a stream that starts as a parameter: its add to the branch is no bias
+            r = self.latents.expand(x.shape[0], -1, -1)
+            return self.out(r + self.mlp(r))
+        h = self.inp(x)
+        return self.out(self.scale(self.attn(h), h))
+
+
+def test_oracle_detaches_a_bias_and_scale_applied_to_the_branch():
+    """The bias and scale a module applies to the branch value before its add with the skip belong to the
+    branch (dropbp gates them with it): the oracle runs them detached too, and dropbp agrees."""
+    import dropbp_fx
+    from tests.oracle import assert_same_grads, detached, grads
+
+    torch.manual_seed(0)
+    net = ScaledNet()
+    oracle = copy.deepcopy(net)
+    x = torch.randn(2, 4, 8)
+    with detached(oracle, ["attn"], through_constants=True):
+        oracle(x).sum().backward()
+    assert oracle.scale.b.grad is None and oracle.scale.s.grad is None and oracle.attn[0].weight.grad is None
+    assert oracle.scale.rb.grad is not None and oracle.inp.weight.grad is not None  # the skip side trains
+
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli")
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x).sum().backward()
+    assert dbp.gate_names == ["attn"]
+    dbp.set_rates({"attn": 0.999999})
+    net.zero_grad(set_to_none=True)
+    compiled(x).sum().backward()
+    assert dbp.last_mask == {"attn": True}
+    assert_same_grads(grads(net), grads(oracle))
+
+    oracle.zero_grad(set_to_none=True)
+    with detached(oracle, ["mlp"], through_constants=True):
+        oracle(x, latents=True).sum().backward()
+    assert oracle.mlp.weight.grad is None and oracle.latents.grad is not None and oracle.out.weight.grad is not None
 
 
 # ----------------------------------------------------------------------------------------- the report

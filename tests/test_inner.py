@@ -244,3 +244,66 @@ def test_discarded_view_of_a_branch_value_leaves_the_branch_whole(inner):
         with detached(oracle_model, closed):
             oracle_model(x).sum().backward()
         assert_same_grads(grads(net), grads(oracle_model), rtol=1e-4, atol=1e-5)
+
+
+class _RouterExperts(nn.Module):
+    """``f2(relu(f1(h))) * sigmoid(r)``: experts weighted by a router value computed outside them."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.f1, self.f2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, h, r):
+        return self.f2(torch.relu(self.f1(h))) * torch.sigmoid(r)
+
+
+class _RouterStateBlock(nn.Module):
+    """Zaya-style MoE layer: the router reads ``ln(x)`` and the previous layer's router state and passes its
+    own on (``r.clone()``); the last layer's copy is read by nobody, but Dynamo keeps it in the graph."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln, self.router, self.experts = nn.LayerNorm(d), nn.Linear(d, d), _RouterExperts(d)
+
+    def forward(self, x, state):
+        h = self.ln(x)
+        r = self.router(h) if state is None else self.router(h) * torch.sigmoid(state)
+        return x + self.experts(h, r), r.clone()
+
+
+class _RouterStateNet(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.blocks, self.out = nn.Linear(d, d), nn.ModuleList(_RouterStateBlock(d) for _ in range(2)), \
+            nn.Linear(d, 1)
+
+    def forward(self, x):
+        x, state = self.inp(x), None
+        for block in self.blocks:
+            x, state = block(x, state)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager"])
+def test_trunk_value_read_by_a_closed_gate_and_a_dead_copy_gets_no_gradient(inner):
+    """Regression (Zaya): the last layer's router sat in the trunk segment of the residual add before it, kept
+    there by a copy of its output that nothing reads; that segment's backward ran for the stream's sake and
+    handed the router and ``ln`` zeros when the experts' gate was closed (eager: ``None``)."""
+    torch.manual_seed(0)
+    net = _RouterStateNet()
+    oracle = copy.deepcopy(net)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner)
+    compiled = torch.compile(net, backend=dbp)
+    x = torch.randn(4, 16)
+    compiled(x).sum().backward()
+    assert dbp.gate_names == ["blocks.0.experts", "blocks.1.experts"]
+    for closed in (["blocks.1.experts"], ["blocks.0.experts", "blocks.1.experts"], []):
+        _force(dbp, closed)
+        net.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+        assert [g for g, d in dbp.last_mask.items() if d] == closed
+        oracle.zero_grad(set_to_none=True)
+        with detached(oracle, closed):
+            oracle(x).sum().backward()
+        assert_same_grads(grads(net), grads(oracle), rtol=1e-4, atol=1e-5)
+    assert net.blocks[0].router.weight.grad is not None  # block 1's router reads it through the state
