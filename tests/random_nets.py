@@ -111,6 +111,7 @@ class BranchSpec:
     skip_first: bool = True
     layer_scale: bool = False  # ``gamma * f(x)`` with a parameter gamma (branch module only)
     relu_half: bool = False  # decoy ``h + relu(h) * 0.5`` inside an mlp
+    unread: bool = False  # mlp: ``tanh(h) * h`` computed and never read (RWKV's state update after the last token)
     rope: bool = False  # attn: ``q * cos + rot(q) * sin`` with cos/sin buffers
     mask: str = "none"  # attn: none | input | buffer | bias (an nn.Parameter position bias)
     sdpa: bool = False  # attn: F.scaled_dot_product_attention instead of matmul/softmax/matmul
@@ -427,6 +428,8 @@ class Branch(nn.Module):
             h = F.gelu(self.fc1(x))
             if spec.relu_half:
                 h = h + torch.relu(h) * 0.5
+            if spec.unread:
+                torch.tanh(h) * h  # noqa: B018 - dead code, kept by Dynamo and symbolic_trace alike
             y = self.fc2(h)
         elif spec.body == "func":
             h = torch.tanh(x @ self.w1.T + self.b1)

@@ -476,6 +476,20 @@ def test_writes_into_fresh_returned_buffers_stay_in_the_branch(inner):
                                                           keep_one_open=True, inner=inner))
 
 
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_values_nothing_reads_stay_in_the_branch(inner):
+    """Regression (RWKV): a value computed from the branch and never read (Dynamo keeps dead code; RWKV's WKV
+    loop updates its state after the last token and drops it) made the branch values it reads shared with the
+    trunk, so the norm and the first projection left the branch: trained in the trunk segment, and under
+    ``aot_eager`` given zero gradients, not none, when the gate was closed."""
+    spec = rn.NetSpec((seq(B("mlp", unread=True)), seq(B("mlp", unread=True, norm_in_block=True))))
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", seed=3, keep_one_open=True, inner=inner)
+    check_compiled(spec, dbp, mask_spec=ALTERNATE)
+    consumed = {g.name: sorted(g.params) for g in dbp.controller.gates}
+    assert all(any(".fc1." in p for p in params) and any("norm" in p for p in params)
+               for params in consumed.values()), consumed
+
+
 def test_writes_into_views_stay_in_the_branch():
     """DeepSeek's MLA builds its keys by ``k[..., :h].copy_(k_pass)`` into ``k.new_empty``: the write into a
     view writes ``k``, so the key projection is part of the attention branch and its FLOPs are counted."""
