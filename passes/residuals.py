@@ -276,7 +276,6 @@ def _make_branch(add, skip, out, reader, stream, kind, dfg, stream_parent, root,
         if inner_skip is not None and inner_skip is not stream and inner_skip not in nodes:
             raise _Reject(f"{stream.name} reaches {out.name} only through the residual stream at {node.name} "
                           "(an additive mask or bias shared by several layers), not as its own residual stream")
-    nodes |= _unread_values(nodes, stream, out, dfg)
     nodes |= _metadata_used_inside(nodes, dfg)
     nodes |= _returned_views(nodes, out, dfg)
     nodes |= _cache_writes(nodes, out, dfg)
@@ -327,44 +326,6 @@ def _parts_of_outside_tuples(nodes: set[fx.Node]) -> set[fx.Node]:
     reads too): inputs of the branch, not members, so that pieces pass tensors, not the tuple."""
     return {n for n in nodes if n.target is operator.getitem and isinstance(n.args[0], fx.Node)
             and n.args[0] not in nodes and gv.is_multi_output(n.args[0])}
-
-
-def _unread_values(nodes: set[fx.Node], stream: fx.Node, out: fx.Node, dfg) -> set[fx.Node]:
-    """Values computed from the branch that nothing reads: they belong to the branch.
-
-    Dynamo keeps dead tensor code. RWKV's WKV loop updates its state once more after the last token and drops
-    it when no state is returned; left outside, that update is a reader of the branch's last state, so
-    :func:`_own_nodes` would push the whole scan, the key/value projections and the norm before them into the
-    trunk, where an AOT-compiled segment (inner ``aot_eager``/``inductor``) gives their parameters zero
-    gradients, not none, when the gate is closed. Taken: unread values (:func:`_unread`) that read the branch,
-    and otherwise only weights, other such values, the stream or values before it, and metadata computed
-    before the branch output (what the gate can be handed).
-    """
-    unread = dfg.graph.get("unread")
-    if unread is None:
-        unread = dfg.graph["unread"] = _unread(out.graph)
-    constants, metadata = dfg.graph["constants"], dfg.graph["metadata"]
-    start, end = dfg.nodes[stream]["index"], dfg.nodes[out]["index"]
-    found: set[fx.Node] = set()
-    for node in _topo(unread, dfg):
-        inputs = node.all_input_nodes
-        if any(a in nodes or a in found for a in inputs) and all(
-                a in nodes or a in found or a in constants or dfg.nodes[a]["index"] <= start
-                or (a in metadata and dfg.nodes[a]["index"] < end) for a in inputs):
-            found.add(node)
-    return found
-
-
-def _unread(graph: fx.Graph) -> set[fx.Node]:
-    """Calls whose value no one reads, directly or through other such calls, and that have no effect of their
-    own (no in-place write, no assert or RNG draw, no grad-mode, autocast or vmap switch)."""
-    unread: set[fx.Node] = set()
-    for node in reversed(graph.nodes):
-        if (node.op in ("call_function", "call_method") and all(u in unread for u in node.users)
-                and not gv.mutates_first_arg(node) and not _opens_region(node) and not _closes_region(node)
-                and not node.is_impure()):
-            unread.add(node)
-    return unread
 
 
 def _metadata_used_inside(nodes: set[fx.Node], dfg) -> set[fx.Node]:
