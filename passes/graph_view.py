@@ -222,6 +222,21 @@ def is_multi_output(node: fx.Node) -> bool:
         u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users)
 
 
+# Operands an op reads only the metadata of (shape, dtype): ``bias.expand_as(x)`` (GPT-NeoX-Japanese's attention
+# bias), ``w.view_as(x)``, ``y.type_as(x)``. No gradient flows into them, so they are no data edge:
+# ``bias.expand_as(residual)`` is a bias, not a value of the stream. (Factories such as ``x.new_ones(n)`` keep
+# their edge: the fresh buffer belongs with the values written into it.)
+_METADATA_OPERAND_METHODS = {"expand_as": 1, "view_as": 1, "reshape_as": 1, "type_as": 1}
+
+
+def reads_only_metadata(user: fx.Node, arg: fx.Node) -> bool:
+    """Does ``user`` read nothing of ``arg`` but its metadata (every place ``arg`` appears in its arguments)?"""
+    if not (user.op == "call_method" and user.target in _METADATA_OPERAND_METHODS):
+        return False
+    places = [i for i, a in enumerate(user.args) if a is arg]
+    return places == [_METADATA_OPERAND_METHODS[user.target]] and arg not in user.kwargs.values()
+
+
 def _reads_data(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in ("item", "tolist")
@@ -296,7 +311,8 @@ def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
     for node in graph.nodes:
         inputs = node.all_input_nodes
         if is_constant(node) or (node.op.startswith("call") and any(a in constants for a in inputs)
-                                 and all(a in constants or is_shape_query(a) for a in inputs)):
+                                 and all(a in constants or is_shape_query(a) or reads_only_metadata(node, a)
+                                         for a in inputs)):
             constants.add(node)
     return constants
 
@@ -320,8 +336,8 @@ def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
     """Nodes of ``graph`` with an edge ``u -> v`` when ``v`` consumes the *data* of ``u``.
 
     Edges out of constants (parameters, buffers, ``W.T``) and out of metadata (``x.size(1)``,
-    ``x.dtype``) are left out: two values that share a weight, or whose only link is a shape, are not
-    on one stream. The sets are kept as ``g.graph["constants"]`` and ``g.graph["metadata"]``.
+    ``x.dtype``), and edges into ops that read only an operand's metadata (``b.expand_as(x)``), are left
+    out: two values that share a weight, or whose only link is a shape, are not on one stream. The sets are kept as ``g.graph["constants"]`` and ``g.graph["metadata"]``.
 
     An in-place op (``y.add_(z)``) takes over the edges to every later user of the tensor it writes:
     they read the value it produced, though FX records them as users of ``y``.
@@ -334,7 +350,8 @@ def data_flow_graph(graph: fx.Graph) -> nx.DiGraph:
         if node in constants or node in g.graph["metadata"]:
             continue
         for user in node.users:
-            g.add_edge(node, user)
+            if not reads_only_metadata(user, node):
+                g.add_edge(node, user)
     for node in graph.nodes:
         if mutates_first_arg(node) and node.args and isinstance(node.args[0], fx.Node):
             index = g.nodes[node]["index"]

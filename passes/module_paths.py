@@ -11,6 +11,7 @@ import torch.fx as fx
 
 
 _LOCAL_ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\](\[[^\]]*\])*\.?")
+_GLOBAL_ROOT = re.compile(r"^G(\[|\.)")
 _GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]+)['\"]\)")
 _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 
@@ -38,8 +39,11 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    return clean_module_path(str(path))
+    # a module Dynamo reached through a global (``G['__import_transformers...'].causal_conv1d_fn``, a kernel
+    # module a library keeps at module level) is not a submodule of the model: the innermost one that is
+    paths = [str(entry[0]) for entry in stack.values()]
+    own = [p for p in paths if not _GLOBAL_ROOT.match(p)]
+    return clean_module_path(own[-1]) if own else ""
 
 
 def common_module_path(paths: Iterable[str]) -> str:

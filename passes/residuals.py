@@ -424,7 +424,8 @@ def _whole_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:
     extra: set[fx.Node] = set()
     for region in regions:
         if region & nodes and not region <= nodes and not nodes <= region:  # a branch inside autocast is fine
-            outside = [u for n in region for u in n.users if u not in nodes and u not in region and u.op != "output"]
+            outside = [u for n in region for u in n.users if u not in nodes and u not in region and u.op != "output"
+                       and not gv.reads_only_metadata(u, n)]
             if outside:
                 raise _Reject(f"the branch holds part of a {_region_name(region)} region (Dynamo inlined it) "
                               f"whose values {outside[0].name} reads outside the branch")
@@ -460,7 +461,8 @@ def _own_nodes(nodes: set[fx.Node], out: fx.Node, reader: fx.Node, metadata: set
         changed = False
         for n in list(nodes):
             allowed = (reader,) if n is out else ()
-            outside = (u for u in n.users if u not in nodes and u.op != "output" and u not in allowed)
+            outside = (u for u in n.users if u not in nodes and u.op != "output" and u not in allowed
+                       and not gv.reads_only_metadata(u, n))  # ``b.expand_as(y)`` reads only y's shape
             if any(u not in metadata for u in outside):  # ``y.dtype`` reads metadata, not the value
                 nodes.discard(n)
                 changed = True

@@ -110,6 +110,7 @@ class BranchSpec:
     add: str = "plus"
     skip_first: bool = True
     layer_scale: bool = False  # ``gamma * f(x)`` with a parameter gamma (branch module only)
+    bias_as: bool = False  # ``f(x) + b.expand_as(x)``: a bias shaped by the stream (GPT-NeoX-Japanese; branch module)
     relu_half: bool = False  # decoy ``h + relu(h) * 0.5`` inside an mlp
     unread: bool = False  # mlp: ``tanh(h) * h`` computed and never read (RWKV's state update after the last token)
     rope: bool = False  # attn: ``q * cos + rot(q) * sin`` with cos/sin buffers
@@ -417,9 +418,13 @@ class Branch(nn.Module):
             self.norm_out = make_norm(spec.norm, d_out)
         if spec.layer_scale:
             self.gamma = nn.Parameter(0.5 + 0.1 * torch.randn(d_out))
+        if spec.bias_as:
+            self.bias_as = nn.Parameter(0.1 * torch.randn(d_out))
+            self.bias_of_stream = d_in == d_out  # a projection branch's bias takes the output's shape
 
     def forward(self, x, mask=None):
         spec = self.spec
+        stream = x
         if hasattr(self, "norm_in"):
             x = self.norm_in(x)
         if spec.body == "single":
@@ -450,6 +455,8 @@ class Branch(nn.Module):
             y = self.norm_out(y)
         if spec.layer_scale:
             y = self.gamma * y
+        if spec.bias_as:  # reads only the stream's shape: no data edge from the stream
+            y = y + self.bias_as.expand_as(stream if self.bias_of_stream else y)
         return (y, side) if spec.body == "attn" and spec.cache else y
 
     def _attention(self, x, mask):
@@ -704,7 +711,7 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested", "ke
         kernel=draw(st.sampled_from(KERNELS)) if body == "kernel" else "fn",
     )
     if not spec.flat:
-        spec = replace(spec, layer_scale=draw(st.booleans()))
+        spec = replace(spec, layer_scale=draw(st.booleans()), bias_as=draw(st.booleans()))
     if body == "attn":
         spec = replace(spec, rope=draw(st.booleans()), mask=draw(st.sampled_from(["none", "input", "buffer", "bias"])),
                        sdpa=draw(st.booleans()), cache=nest_depth == 0 and draw(st.booleans()),

@@ -347,6 +347,9 @@ EXAMPLES = {
                            repeat_last=True),
     "kv_build": rn.NetSpec((seq(B("attn", kv_build=True, rope=True), B("mlp")),
                             seq(B("attn", kv_build=True, sdpa=True, cache=True)))),
+    # ``f(x) + b.expand_as(x)``: the bias reads only the stream's shape, so it is part of the branch
+    "bias_shaped_by_stream": rn.NetSpec((seq(B("attn", bias_as=True), B("mlp", bias_as=True, style="post")),
+                                         rn.BlockSpec("projection", (B("mlp", bias_as=True),), d_out=12))),
     "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
     "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
 }
