@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import dropbp_fx
@@ -296,7 +297,7 @@ def _oracle_step(oracle, batch, dropped, targets, kept):
     oracle.zero_grad(set_to_none=True)
     plain = [targets[g] for g in dropped if g in targets and g not in kept]
     leaves = [leaf for g in dropped if kept.get(g) == "leaves" for leaf in parametric_leaves(oracle, g)]
-    with detached(oracle, plain, through_constants=True), detached(oracle, leaves), \
+    with detached(oracle, plain, through_constants=True), leaves_detached(oracle, leaves), \
             skip_detached(oracle, [g for g in dropped if kept.get(g) == "skip"]):
         ref = oracle(**batch)
     loss_of(ref).backward()
@@ -324,13 +325,45 @@ def skip_detached(model: nn.Module, module_paths):
 
 def parametric_leaves(model: nn.Module, path: str) -> list[str]:
     """The leaf submodules with parameters of a module that has none of its own (Inkling's short convolution:
-    ``(x + conv1d(x)) / s``): detaching them detaches all the compute of its branch and none of its skip.
+    ``(x + conv1d(x)) / s``): detaching them (:func:`leaves_detached`) detaches all the compute of its branch
+    and none of its skip.
     Empty when the module holds parameters itself (XLNet's attention) or has no such leaf."""
     module = model.get_submodule(path)
     if any(True for _ in module.parameters(recurse=False)):
         return []
     return [f"{path}.{n}" for n, m in module.named_modules() if n and not any(True for _ in m.children())
             and any(True for _ in m.parameters())]
+
+
+@contextlib.contextmanager
+def leaves_detached(model: nn.Module, leaf_paths):
+    """Detach what the leaf modules at ``leaf_paths`` compute: their outputs where they are called (forward
+    hooks), and where their parameters are read directly instead, the output of every op that reads one of
+    them (or a value made from them alone, ``w.squeeze(1)``) together with other tensors. Inkling's short
+    convolutions pass ``conv1d.weight`` to ``F.conv1d`` (a kernel-hub function): ``conv1d`` never runs."""
+    params = [p for path in leaf_paths for p in model.get_submodule(path).parameters()]
+    with detached(model, leaf_paths), (_ParameterOps(params) if params else contextlib.nullcontext()):
+        yield
+
+
+class _ParameterOps(TorchFunctionMode):
+    """Detaches the outputs of an op that reads one of ``params`` (or a value made from them alone) and any
+    other tensor: the parameters' compute, with no gradient to its inputs or to the parameters."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.derived = {id(p): p for p in params}  # id -> tensor (kept alive: ids stay unique)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not any(id(t) in self.derived for t in tensors):
+            return out
+        if all(id(t) in self.derived for t in tensors):  # ``w.squeeze(1)``, ``w.T``
+            self.derived.update((id(t), t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            return out
+        return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
 
 def _same_shape_io(calls: list[Call], path: str) -> bool:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -159,6 +162,61 @@ def test_oracle_detaches_a_bias_and_scale_applied_to_the_branch():
     with detached(oracle, ["mlp"], through_constants=True):
         oracle(x, latents=True).sum().backward()
     assert oracle.mlp.weight.grad is None and oracle.latents.grad is not None and oracle.out.weight.grad is not None
+
+
+class _FunctionalConv(nn.Module):
+    """Inkling's short convolution: ``(x + conv(x)) / sqrt(k + 1)``, its own residual add, with the weight of
+    ``self.conv1d`` passed to ``F.conv1d`` (as the kernel-hub ``causal_conv1d_fn`` does): ``conv1d`` never runs."""
+
+    def __init__(self, d=8, k=4, drop=False):
+        super().__init__()
+        self.k, self.drop = k, drop
+        self.conv1d = nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=False)
+
+    def forward(self, x):
+        w = self.conv1d.weight.squeeze(1)
+        y = F.conv1d(x.transpose(1, 2), w.unsqueeze(1), padding=self.k - 1, groups=x.shape[-1])
+        y = y[..., :x.shape[1]].transpose(1, 2)
+        return (x + (y.detach() if self.drop else y)) / math.sqrt(self.k + 1)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp, self.sconv, self.out = nn.Linear(d, d), _FunctionalConv(d), nn.Linear(d, 1)
+
+    def forward(self, x, as_output=False):  # the catalogue's oracle step reads ``.loss``
+        loss = self.out(self.sconv(self.inp(x))).sum()
+        return SimpleNamespace(loss=loss) if as_output else loss
+
+
+def test_oracle_detaches_parametric_leaves_read_as_weights():
+    """A gate named after a module with its own residual add and scale, ``(x + conv(x)) / s``, whose leaf is
+    never called (its weight is read directly): the oracle's "leaves" variant detaches the ops reading that
+    weight, the hand-written drop (``conv(x).detach()``) agrees, and so does dropbp with the gate closed."""
+    import dropbp_fx
+    from benchmarks.catalogue_check import _oracle_step
+    from tests.oracle import assert_same_grads, grads
+
+    torch.manual_seed(0)
+    net = ConvNet()
+    oracle, by_hand = copy.deepcopy(net), copy.deepcopy(net)
+    x = torch.randn(2, 6, 8)
+    _oracle_step(oracle, {"x": x, "as_output": True}, ["sconv"], {"sconv": "sconv"}, {"sconv": "leaves"})
+    by_hand.sconv.drop = True
+    by_hand(x).backward()
+    assert oracle.sconv.conv1d.weight.grad is None and oracle.inp.weight.grad is not None
+    assert_same_grads(grads(oracle), grads(by_hand))
+
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli")
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x).backward()
+    assert dbp.gate_names == ["sconv"]
+    dbp.set_rates({"sconv": 0.999999})
+    net.zero_grad(set_to_none=True)
+    compiled(x).backward()
+    assert dbp.last_mask == {"sconv": True}
+    assert_same_grads(grads(net), grads(oracle))
 
 
 # ----------------------------------------------------------------------------------------- the report
