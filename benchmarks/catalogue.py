@@ -37,9 +37,6 @@ JSON_PATH = os.path.join(ROOT, "benchmarks", "results", "catalogue.json")
 MD_PATH = os.path.join(ROOT, "docs", "catalogue.md")
 # Failures looked at by hand, shown beside the status while the type still fails that way
 NOTES = {
-    ("xlnet", "WRONG GRADIENT"): "by hand: dropbp's gradients equal an oracle that detaches rel_attn's output dropout "
-                                 "and ff.layer_2 (4 of 4 steps); the gate name rel_attn is a module that contains its "
-                                 "residual add and post-norm, which this oracle cannot express",
     ("axk2", "WRONG GRADIENT"): "by hand: dropbp's gradients equal an oracle that detaches self_attn (eager, the "
                                 "same masks); this oracle's module chain runs from the gated norm into the "
                                 "attention's first projections (self_attn.indexer.wq_b) and detaches that instead",

@@ -9,9 +9,14 @@ member to run), then, while the value it returned is the *only* tensor input of 
 been changed in place), that module -- a sandwich post-norm (Gemma2, OLMo2), BERT's output dense and
 dropout. From there the branch goes on through the ops that read only its value and parameters broadcast
 onto it (``(f(x) + b) * s`` inside a module that also takes the skip: Zaya's residual scaling), which
-``tests/oracle.py`` runs detached too. A union whose members are not all on that chain, a gate that is
-not a module path, or a module that runs more than once per forward: "oracle cannot map gate" (the
-gradients of the steps that dropped no such gate are still checked).
+``tests/oracle.py`` runs detached too. A chain link must be the only reader of the value, functional ops
+included (the recorded forward notes every op's inputs and module). A gate module that holds its own
+residual add -- its output, or its post-norm leaf's only input, was made by ``x + b`` with ``x`` one of its
+inputs (XLNet's attention: ``layer_norm(dropout(attn) + h)``) -- is an :class:`OwnResidual`: the oracle keeps
+that sum's value with its gradient to ``x`` alone, and the post-norm keeps its gradient. A union whose
+members are not all on that chain, a gate that is not a module path, or a module that runs more than once
+per forward: "oracle cannot map gate" (the gradients of the steps that dropped no such gate are still
+checked).
 """
 
 from __future__ import annotations
@@ -183,10 +188,47 @@ class Call:
     inputs: list = field(default_factory=list)  # (tensor, version)
     out: object = None
     out_version: int = -1
+    made_by: list = field(default_factory=list)  # per input: the op that made it (see _Ops), None if none did
+    out_made_by: tuple | None = None  # the op that made ``out`` (see _Ops), None if none did
+    readers: list = field(default_factory=list)  # the innermost module of each op that read ``out`` afterwards
+
+
+class _Ops(TorchFunctionMode):
+    """Records, for one forward, which op made each tensor (name, tensor operands, whether it took just two
+    positional arguments) and, for each tensor the ops
+    read, when and in which module call (the innermost open one). An op that only returns its operand
+    (``x.to(x.dtype)``) or only reads its shape (``zeros_like``, ``new_ones``) reads nothing; every tensor seen
+    is kept alive, so ids stay unique."""
+
+    def __init__(self, clock: list, stack: list):
+        super().__init__()
+        self.clock, self.stack = clock, stack
+        self.made: dict[int, tuple] = {}
+        self.reads: dict[int, list] = {}
+        self.alive: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        name = getattr(func, "__name__", "")
+        if outs and not (name.startswith("new_") or name.endswith("_like")):
+            self.clock[0] += 1
+            where = self.stack[-1] if self.stack else ""
+            for t in ins:
+                if not any(o is t for o in outs):
+                    self.reads.setdefault(id(t), []).append((self.clock[0], where))
+            for o in outs:
+                if not any(o is t for t in ins):
+                    self.made[id(o)] = (name, ins, len(args) == 2 and not kwargs)
+            self.alive += ins + outs
+        return out
 
 
 def record_calls(model: nn.Module, batch: dict) -> list[Call]:
-    """Every module call of one eager forward: order, tensor inputs, first tensor output (kept alive).
+    """Every module call of one eager forward: order, tensor inputs (and the op that made each), first tensor
+    output (kept alive) and the modules whose ops read it afterwards.
 
     A first forward, unrecorded, lets a model swap its submodules as it does on its first call (BigBird
     replaces ``attention.self`` by full attention for short inputs): the recorded one sees the modules
@@ -194,32 +236,41 @@ def record_calls(model: nn.Module, batch: dict) -> list[Call]:
     with torch.no_grad():
         model(**batch)
     names = {m: n for n, m in model.named_modules()}
-    calls, open_calls, clock, handles = [], {}, [0], []
+    calls, open_calls, clock, handles, stack = [], {}, [0], [], []
+    ops = _Ops(clock, stack)
 
     def pre(mod, args, kwargs):
         clock[0] += 1
         call = Call(names[mod], clock[0])
         call.inputs = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        call.made_by = [ops.made.get(id(t)) for t, _ in call.inputs]
         open_calls.setdefault(mod, []).append(call)
         calls.append(call)
+        stack.append(call.path)
 
     def post(mod, args, kwargs, out):
         clock[0] += 1
         call = open_calls[mod].pop()
         call.post = clock[0]
+        stack.pop()
         tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if tensors:
             call.out, call.out_version = tensors[0], tensors[0]._version
+            call.out_made_by = ops.made.get(id(tensors[0]))
 
     for mod in names:
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ops:
             model(**batch)
     finally:
         for h in handles:
             h.remove()
+    for call in calls:  # until a call started after it returns the same tensor (a dropout of p=0): that one's
+        if call.out is not None:
+            until = min((c.post for c in calls if c.pre > call.post and c.out is call.out), default=clock[0] + 1)
+            call.readers = [where for when, where in ops.reads.get(id(call.out), ()) if call.post < when < until]
     return calls
 
 
@@ -247,6 +298,9 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
         if len(cs) != 1:
             return None, f"gate {gate!r}: module {m!r} runs {len(cs)} times per forward"
     ran = sorted((cs[0] for cs in by_path.values()), key=lambda c: c.pre)
+    own = _own_residual(ran[0], calls, leaves) if len(members) == 1 else None
+    if own is not None:
+        return own, ""
     chain, why = _chain(ran[0], calls, with_params, leaves)
     on_chain = [c.path for c in chain]
     if all(any(p == m or p.startswith(m + ".") for p in on_chain) for m in members):
@@ -261,11 +315,11 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
 
 def _chain(start: Call, calls: list[Call], params: set[str], leaves: set[str]) -> tuple[list[Call], str]:
     """``start``, then each later leaf module whose only tensor input is the previous one's (unchanged) output
-    and the only leaf module to read it (a module with children may hold a residual add of its own: XLNet's
-    feed-forward; a value read by several modules, a norm's output that feeds an attention's projections, is
-    no chain); and why the oracle cannot use it ("" if it can). A module that runs more than once per forward
-    (a shared dropout) ends the chain before it; one with parameters makes it unusable (detaching it detaches
-    every call)."""
+    and whose ops are the only ones to read it (a module with children may hold a residual add of its own:
+    XLNet's feed-forward reads its input in ``layer_1`` and in ``output + inp``; a value read by several
+    modules, a norm's output that feeds an attention's projections, is no chain); and why the oracle cannot
+    use it ("" if it can). A module that runs more than once per forward (a shared dropout) ends the chain
+    before it; one with parameters makes it unusable (detaching it detaches every call)."""
     chain = [start]
     while chain[-1].out is not None:
         cur = chain[-1]
@@ -274,12 +328,56 @@ def _chain(start: Call, calls: list[Call], params: set[str], leaves: set[str]) -
         nxt = readers[0] if len(readers) == 1 else None
         if nxt is None or len(nxt.inputs) != 1 or nxt.inputs[0][1] != cur.out_version:
             break
+        if any(where != nxt.path for where in cur.readers):
+            break  # an op outside it reads the value too (XLNet's feed-forward adds its input back)
         if sum(c.path == nxt.path for c in calls) > 1:
             if nxt.path in params:
                 return chain, f"the branch continues into {nxt.path!r}, which has parameters and runs more than once"
             break
         chain.append(nxt)
     return chain, ""
+
+
+ADDS = ("add", "__add__", "__radd__")
+
+
+@dataclass(frozen=True)
+class OwnResidual:
+    """A gate named after a module that holds its own residual add of its input ``x`` (its ``skip``-th tensor
+    input) and a branch value, and returns that sum (``norm`` empty) or a leaf module of its own applied to
+    the sum alone (``norm``: its post-norm, XLNet's attention ``layer_norm(dropout(attn) + h)``). The oracle
+    keeps the sum's value and its gradient to ``x`` and detaches the rest (the branch); the post-norm keeps
+    its gradient."""
+    module: str
+    norm: str
+    skip: int
+
+    def __str__(self) -> str:
+        return f"{self.module}'s branch before its residual add" + (f" and {self.norm}" if self.norm else "")
+
+
+def _own_residual(call: Call, calls: list[Call], leaves: set[str]) -> OwnResidual | None:
+    """The :class:`OwnResidual` of a module call, from the recorded ops alone: its output was made by an add
+    of one of its tensor inputs and another value of the same shape, or is the output of a leaf module inside
+    it (run once per forward) whose only input is such an add. None otherwise."""
+    if call.out is None:
+        return None
+    returned = [c for c in calls if c.path.startswith(call.path + ".") and call.pre < c.pre and c.post < call.post
+                and c.out is call.out]
+    if not returned:
+        made, norm = call.out_made_by, ""
+    elif len(returned) == 1 and returned[0].path in leaves and len(returned[0].inputs) == 1 \
+            and sum(c.path == returned[0].path for c in calls) == 1:
+        made, norm = returned[0].made_by[0], returned[0].path
+    else:
+        return None
+    if made is None or made[0] not in ADDS or len(made[1]) != 2 or not made[2]:
+        return None
+    a, b = made[1][:2]
+    for skip, (x, _) in enumerate(call.inputs):
+        if (x is a) != (x is b) and a.shape == b.shape == x.shape:
+            return OwnResidual(call.path, norm, skip)
+    return None
 
 
 def count_layers(calls: list[Call], model: nn.Module) -> int:
@@ -292,13 +390,15 @@ def count_layers(calls: list[Call], model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------------------- the check
 def _oracle_step(oracle, batch, dropped, targets, kept):
-    """The oracle's forward and backward for one step's mask (``kept``: gate -> how a gate named after a module
-    that contains its own residual add is detached, "skip" or "leaves")."""
+    """The oracle's forward and backward for one step's mask (``targets``: gate -> module path or
+    :class:`OwnResidual`; ``kept``: gate -> how a gate named after a module that contains its own residual add
+    the recorded ops did not show is detached, "skip" or "leaves")."""
     oracle.zero_grad(set_to_none=True)
-    plain = [targets[g] for g in dropped if g in targets and g not in kept]
+    plain = [targets[g] for g in dropped if isinstance(targets.get(g), str) and g not in kept]
+    own = [targets[g] for g in dropped if isinstance(targets.get(g), OwnResidual)]
     leaves = [leaf for g in dropped if kept.get(g) == "leaves" for leaf in parametric_leaves(oracle, g)]
     with detached(oracle, plain, through_constants=True), leaves_detached(oracle, leaves), \
-            skip_detached(oracle, [g for g in dropped if kept.get(g) == "skip"]):
+            own_residual_detached(oracle, own), skip_detached(oracle, [g for g in dropped if kept.get(g) == "skip"]):
         ref = oracle(**batch)
     loss_of(ref).backward()
     return ref
@@ -321,6 +421,47 @@ def skip_detached(model: nn.Module, module_paths):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def own_residual_detached(model: nn.Module, targets):
+    """Hooks for :class:`OwnResidual` targets: the sum ``s = x + branch`` (the module's output, or its post-norm's
+    input) becomes ``s.detach() + (x - x.detach())``: the same value, gradient to the skip ``x`` only. The
+    module's other tensor outputs are detached."""
+    skips, handles = {}, []
+
+    def keep(s, x):
+        return s.detach() + (x - x.detach())
+
+    def tensors(value):
+        return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+    for t in targets:
+        def pre(mod, args, kwargs, t=t):
+            skips[t.module] = tensors((args, kwargs))[t.skip]
+
+        def post(mod, args, kwargs, out, t=t):
+            y = tensors(out)[0]
+            y_kept = y if t.norm else keep(y, skips[t.module])
+            return tree_map(lambda v: y_kept if v is y else _detach(v), out)
+
+        def norm_pre(mod, args, kwargs, t=t):
+            return tree_map(lambda v: keep(v, skips[t.module]) if isinstance(v, torch.Tensor) else v, (args, kwargs))
+
+        module = model.get_submodule(t.module)
+        handles += [module.register_forward_pre_hook(pre, with_kwargs=True),
+                    module.register_forward_hook(post, with_kwargs=True)]
+        if t.norm:
+            handles.append(model.get_submodule(t.norm).register_forward_pre_hook(norm_pre, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _detach(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def parametric_leaves(model: nn.Module, path: str) -> list[str]:
@@ -445,7 +586,7 @@ def _train(model, oracle, batches, inner: str, rec: Record, seed: int) -> None:
         with torch.no_grad():
             for p, q in zip(model.parameters(), oracle.parameters()):
                 q.copy_(p)
-    rec.oracle = {g: t for g, t in targets.items() if t != g}
+    rec.oracle = {g: str(t) for g, t in targets.items() if t != g}
     rec.oracle.update({g: f"{g} with its skip kept" if mode == "skip" else f"{g}'s parametric leaves"
                        for g, mode in sorted(kept.items())})
     skip_kept = sorted(g for g, mode in kept.items() if mode == "skip")

@@ -216,6 +216,80 @@ def test_oracle_detaches_parametric_leaves_read_as_weights():
     net.zero_grad(set_to_none=True)
     compiled(x).backward()
     assert dbp.last_mask == {"sconv": True}
+
+
+class _OwnPostNormAttention(nn.Module):
+    """XLNet's attention: weights held on the module itself (no Linear child), then
+    ``layer_norm(dropout(attn) + h)`` -- the residual add and the post-norm inside the module."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.o = nn.Parameter(torch.randn(d, d) / d ** 0.5), nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.layer_norm, self.dropout = nn.LayerNorm(d), nn.Dropout(0.0)
+
+    def forward(self, h):
+        attn = torch.softmax(h @ self.q @ h.transpose(-1, -2), -1) @ h @ self.o
+        return self.layer_norm(self.dropout(attn) + h), None
+
+
+class _OwnPostNormFeedForward(nn.Module):
+    """XLNet's feed-forward: ``layer_norm(layer_2(act(layer_1(x))) + x)``; its input is read by ``layer_1``
+    and by its own add."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.layer_1, self.act, self.layer_2, self.layer_norm = nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d), \
+            nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.layer_norm(self.layer_2(self.act(self.layer_1(x))) + x)
+
+
+class OwnPostNormNet(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, 1)
+        self.attn, self.ff = _OwnPostNormAttention(d), _OwnPostNormFeedForward(d)
+
+    def forward(self, x):
+        h, _ = self.attn(self.inp(x))
+        return self.out(self.ff(h))
+
+
+def test_oracle_keeps_the_skip_and_post_norm_of_a_module_with_its_own_residual_add():
+    """A gate named after a module that returns ``norm(dropout(f(h)) + h)`` (XLNet's rel_attn): the branch
+    ends at the add inside the module, the skip h and the post-norm keep their gradient. The oracle finds the
+    add from the recorded ops (its chain does not run on into the next module's layer_1: that module's own
+    add reads the value too) and agrees with dropbp."""
+    import dropbp_fx
+    from benchmarks.catalogue_check import OwnResidual, own_residual_detached
+    from tests.oracle import assert_same_grads, grads
+
+    torch.manual_seed(0)
+    net = OwnPostNormNet()
+    oracle = copy.deepcopy(net)
+    x = torch.randn(2, 4, 8)
+    calls = record_calls(net, {"x": x})
+    modules = {n for n, _ in net.named_modules()}
+    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
+    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
+    target = OwnResidual("attn", "attn.layer_norm", 0)
+    assert oracle_target("attn", calls, modules, params, leaves) == (target, "")
+    assert oracle_target("ff.{layer_1,layer_2}", calls, modules, params, leaves) == ("ff.layer_2", "")
+
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli")
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x).sum().backward()
+    assert "attn" in dbp.gate_names
+    dbp.set_rates({g: 0.999999 if g == "attn" else 1e-6 for g in dbp.gate_names})
+    net.zero_grad(set_to_none=True)
+    compiled(x).sum().backward()
+    assert [g for g, d in dbp.last_mask.items() if d] == ["attn"]
+
+    with own_residual_detached(oracle, [target]):
+        oracle(x).sum().backward()
+    assert oracle.attn.q.grad is None and oracle.attn.o.grad is None
+    assert oracle.attn.layer_norm.weight.grad is not None and oracle.inp.weight.grad is not None
     assert_same_grads(grads(net), grads(oracle))
 
 
