@@ -207,6 +207,19 @@ def test_trunk_value_read_only_by_closed_gates_gets_no_gradient(inner):
         assert net[0].weight.grad is not None  # the trunk below still trains through the skip
 
 
+def _closed_gates_against_the_oracle(net, compiled, dbp, oracle, x, closings) -> None:
+    """For each list of closed gates: the compiled step's gradients equal the hook oracle's."""
+    for closed in closings:
+        _force(dbp, closed)
+        net.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+        assert [g for g, d in dbp.last_mask.items() if d] == closed
+        oracle.zero_grad(set_to_none=True)
+        with detached(oracle, closed):
+            oracle(x).sum().backward()
+        assert_same_grads(grads(net), grads(oracle), rtol=1e-4, atol=1e-5)
+
+
 class _ProbsAttention(nn.Module):
     """An attention that also returns a view of its probabilities, which the caller discards (ProphetNet's
     n-gram self-attention returns ``main_attn_probs.view(...)``; output_attentions is off)."""
@@ -247,15 +260,7 @@ def test_discarded_view_of_a_branch_value_leaves_the_branch_whole(inner):
     for gate in dbp.controller.gates:  # the whole attention (and the norm before it) is the branch
         block = gate.name.split(".")[0]
         assert {f"{block}.attn.{p}.weight" for p in "qkvo"} | {f"{block}.ln.weight"} <= gate.params, gate.params
-    for closed in (["1.attn"], ["1.attn", "2.attn"], []):
-        _force(dbp, closed)
-        net.zero_grad(set_to_none=True)
-        compiled(x).sum().backward()
-        assert [g for g, d in dbp.last_mask.items() if d] == closed
-        oracle_model.zero_grad(set_to_none=True)
-        with detached(oracle_model, closed):
-            oracle_model(x).sum().backward()
-        assert_same_grads(grads(net), grads(oracle_model), rtol=1e-4, atol=1e-5)
+    _closed_gates_against_the_oracle(net, compiled, dbp, oracle_model, x, (["1.attn"], ["1.attn", "2.attn"], []))
 
 
 class _RouterExperts(nn.Module):
@@ -309,13 +314,6 @@ def test_trunk_value_read_by_a_closed_gate_and_a_dead_copy_gets_no_gradient(inne
     x = torch.randn(4, 16)
     compiled(x).sum().backward()
     assert dbp.gate_names == ["blocks.0.experts", "blocks.1.experts"]
-    for closed in (["blocks.1.experts"], ["blocks.0.experts", "blocks.1.experts"], []):
-        _force(dbp, closed)
-        net.zero_grad(set_to_none=True)
-        compiled(x).sum().backward()
-        assert [g for g, d in dbp.last_mask.items() if d] == closed
-        oracle.zero_grad(set_to_none=True)
-        with detached(oracle, closed):
-            oracle(x).sum().backward()
-        assert_same_grads(grads(net), grads(oracle), rtol=1e-4, atol=1e-5)
+    _closed_gates_against_the_oracle(net, compiled, dbp, oracle, x,
+                                     (["blocks.1.experts"], ["blocks.0.experts", "blocks.1.experts"], []))
     assert net.blocks[0].router.weight.grad is not None  # block 1's router reads it through the state
