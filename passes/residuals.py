@@ -205,7 +205,9 @@ def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tupl
     ``sigmoid(W x)``. Such a factor is computed from the stream outside ``f``: it keeps its gradient when
     the gate is closed (eager with ``f`` detached), so it and the product stay in the trunk. It must be
     light (at most one projection deep, lighter than ``f``), and not ``f``'s own input projection
-    (``f(h) * sigmoid(h)``, ``h = W x``, is one branch: the stream reaches ``f`` only through it).
+    (``f(h) * sigmoid(h)``, ``h = W x``, is one branch: the stream reaches ``f`` only through it). A product
+    taken inside the module of ``f`` (experts weighted by their router inside an MoE module) is ``f``'s own
+    output: the module's caller adds all of it, so all of it is the branch.
 
     Before::                                 After::
 
@@ -229,6 +231,10 @@ def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tupl
     if paths[heavy][1] < 2 or paths[light][1] > 1 or paths[heavy][0] <= paths[light][0]:
         return out, reader
     if not gv.reaches_avoiding(dfg, stream, heavy, set(paths[light][2])):
+        return out, reader
+    own = gv.common_module_path(gv.module_path(n) for n in paths[heavy][2])
+    where = gv.module_path(product)
+    if where == own or where.startswith(own + "."):  # the module of ``f`` scales its own output: all of it is f
         return out, reader
     return heavy, product
 
