@@ -619,7 +619,13 @@ def baseline(model_type: str, mapping: str, backend: str) -> str:
             ref = ref_model(**batches(step))
             loss_of(ref).backward()
             torch.testing.assert_close(output_of(out), output_of(ref), **tolerance(backend))
-            assert_same_grads(grads(model), grads(ref_model), **tolerance(backend))
+            actual, expected = grads(model), grads(ref_model)
+            wrong = [f"{n}: grad is {'None' if actual[n] is None else 'set'}, oracle "
+                     f"{'None' if expected[n] is None else 'set'}" for n in expected
+                     if (actual[n] is None) != (expected[n] is None)]
+            if wrong:  # every such parameter, so that check() can tell which ones dropbp shares with it
+                return f"plain torch.compile(backend={backend!r}): AssertionError: " + "; ".join(wrong)[:1000]
+            assert_same_grads(actual, expected, **tolerance(backend))
     except Exception as exc:  # noqa: BLE001 - any failure of the plain compile is the answer
         return f"plain torch.compile(backend={backend!r}): " + " ".join(first_line(exc).split())[:300]
     return ""
