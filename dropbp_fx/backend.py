@@ -646,9 +646,33 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
     if not example_inputs or any("example_value" in n.meta or "val" in n.meta for n in placeholders):
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _grad_fake_tensor_prop(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+
+
+def _grad_fake_tensor_prop(gm, mode):
+    """``FakeTensorProp`` whose values keep ``requires_grad`` (its snapshots are detached): branch FLOPs are
+    counted on these values, and a weight read through ``get_attr`` (``x @ self.w.T``) or an input that
+    requires grad would otherwise get no gradient there, halving that matmul's backward."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    class Prop(FakeTensorProp):
+        def run_node(self, n):
+            result = super().run_node(n)
+            _keep_requires_grad(n.meta.get("val"), result)
+            return result
+
+    return Prop(gm, mode)
+
+
+def _keep_requires_grad(val, value) -> None:
+    """Mark the (detached, leaf) fake ``val`` as requiring grad where the value it stands for does."""
+    if isinstance(val, (tuple, list)) and isinstance(value, (tuple, list)) and len(val) == len(value):
+        for v, w in zip(val, value):
+            _keep_requires_grad(v, w)
+    elif (isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and value.requires_grad
+          and val.is_floating_point() and val.is_leaf and not val.requires_grad):
+        val.requires_grad_(True)
 
 
 def _attr(gm, target: str):

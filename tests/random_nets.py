@@ -211,22 +211,43 @@ def _all_nests(t: Truth):
         yield from _all_nests(inner)
 
 
-def module_backward_flops(net: nn.Module, inputs) -> dict[str, int]:
-    """Backward FLOPs per module path (all its calls), from ``FlopCounterMode`` on the eager network: the counts of
-    a forward and backward minus those of a forward alone."""
+def module_backward_flops(net: nn.Module, inputs, paths) -> dict[str, int]:
+    """Backward FLOPs each module at ``paths`` leaves droppable (all its calls): ``FlopCounterMode``'s total on the
+    eager network for a forward and backward, less the same total with that module's outputs detached.
+
+    Totals only: the counter's per-module attribution of backward FLOPs follows module hooks on the output
+    tensors, which an in-place residual add (``y = f(x); y += x``) re-points, so a branch's backward is then
+    credited to another module (seen: a nested branch 0, its first norm all of it).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     net = copy.deepcopy(net)
-    with FlopCounterMode(display=False) as forward:
-        net(*inputs)
-    with FlopCounterMode(display=False) as both:
-        out = net(*inputs)
-        out = out if isinstance(out, tuple) else (out,)
-        sum(o.sum() for o in out if isinstance(o, torch.Tensor) and o.requires_grad).backward()
-    before = forward.get_flop_counts()
-    root = type(net).__name__ + "."
-    return {name[len(root):]: sum(counts.values()) - sum(before.get(name, {}).values())
-            for name, counts in both.get_flop_counts().items() if name.startswith(root)}
+
+    def total(detach: str | None) -> int:
+        handle = None if detach is None else net.get_submodule(detach).register_forward_hook(
+            lambda mod, args, out: _detached(out))
+        try:
+            with FlopCounterMode(display=False) as forward:
+                net(*inputs)
+            with FlopCounterMode(display=False) as both:
+                out = net(*inputs)
+                out = [o for o in (out if isinstance(out, tuple) else (out,))
+                       if isinstance(o, torch.Tensor) and o.requires_grad]
+                if out:
+                    sum(o.sum() for o in out).backward()
+        finally:
+            if handle is not None:
+                handle.remove()
+        return both.get_total_flops() - forward.get_total_flops()
+
+    everything = total(None)
+    return {path: everything - total(path) for path in paths}
+
+
+def _detached(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    return type(out)(_detached(o) for o in out) if isinstance(out, (tuple, list)) else out
 
 
 # ---------------------------------------------------------------------------

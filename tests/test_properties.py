@@ -72,7 +72,10 @@ def expected(truth: rn.Truth) -> tuple[dict[str, str], dict[str, str]]:
 
 def gated(net: rn.Net, truth: rn.Truth) -> rn.Truth:
     """The gates the backend must build: per nest, the level :func:`rn.resolve` picks from eager FLOPs."""
-    return rn.resolve(truth, rn.module_backward_flops(net, net.inputs(seed=0))) if truth.nests else truth
+    if not truth.nests:
+        return truth
+    paths = {g.detach for g in truth.gates} | {o.detach for o, _ in rn._all_nests(truth)}
+    return rn.resolve(truth, rn.module_backward_flops(net, net.inputs(seed=0), sorted(paths)))
 
 
 def explain(analysis) -> str:
@@ -337,6 +340,14 @@ EXAMPLES = {
     "nested_light_in_heavy": rn.NetSpec((seq(B("nested", inner=B("nested", inner=B("mlp"), light=True))),)),
     "nested_in_parallel": rn.NetSpec((rn.BlockSpec("parallel", (B("nested", inner=B("mlp")), B("attn")),
                                                    assoc="right"),)),
+    # ``y = g(x); y += x`` around a nest: the in-place add re-points the eager module hooks, so FlopCounterMode
+    # credited g's backward to g.norm_in and the truth gated the inner level (the truth now detaches and subtracts
+    # totals); beside it a ``func`` branch, whose get_attr weights the symbolic_trace path counted without their
+    # gradient (half its backward)
+    "nested_iadd_out_in_parallel": rn.NetSpec((rn.BlockSpec("parallel", (
+        B("func", hidden=6, add="iadd_clone", skip_first=False, layer_scale=True),
+        B("nested", hidden=4, add="iadd_out", skip_first=False, inner=B("single", hidden=4, skip_first=False))),
+        shared_ln=False),), d_in=4, width=4),
     "repeated_block": rn.NetSpec((seq(B("mlp")), seq(B("nested", inner=B("single")), B("mlp", flat=True))),
                                  repeat_last=True),
     "decoys": rn.NetSpec((seq(B("attn", rope=True, mask="input", norm="rms"), after="relu_half"),
@@ -641,6 +652,21 @@ def test_regression_hyper_connection_weights_stay_in_the_trunk(inner):
         assert_same_grads(grads(net), grads(reference), rtol=1e-9, atol=1e-12)
         assert all(net.blocks[i]["mix"].fn.grad is not None for i in range(2))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["nested_iadd_out_in_parallel", "pre_norm", "post_norm", "parallel_left", "decoys",
+                                  "kernel_fn", "nested"])
+def test_symbolic_trace_gate_flops_are_the_eager_droppable_flops(name):
+    """On the symbolic_trace path each gate's backward FLOPs are those its branch's detach saves in eager. The
+    shapes propagated there once lost ``requires_grad``: no gradient for get_attr weights (``x @ self.w.T``) nor
+    for a branch input made by a module, so the first matmul's backward was counted half."""
+    net, truth = rn.build(EXAMPLES[name])
+    truth = gated(net, truth)
+    dbp = make_dropbp(("drawn", 0.5, "topup", 0), False)
+    fx_transform(net, dbp)
+    eager = rn.module_backward_flops(net, net.inputs(seed=0), sorted({g.detach for g in truth.gates}))
+    counted = {g.name: g.flops[1] for g in dbp.controller.gates}
+    assert counted == {g.name: eager[g.detach] for g in truth.gates}
 
 
 @pytest.mark.parametrize("name, level", [("nested", "outer"), ("nested_twice", "outer"), ("nested_light", "inner"),
