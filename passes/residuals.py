@@ -373,43 +373,47 @@ def _returned_views(nodes: set[fx.Node], out: fx.Node, dfg) -> set[fx.Node]:
     return found
 
 
-_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.zeros_like, torch.ones_like, torch.empty_like}
-_FACTORY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full"}
-
-
 def _cache_writes(nodes: set[fx.Node], out: fx.Node, dfg) -> set[fx.Node]:
-    """Branch values written into fresh buffers that only the graph returns: side outputs of the branch.
+    """Branch values written into fresh buffers that only the graph returns, and what computes them from
+    the branch alone: side outputs of the branch.
 
     Mamba's states (``conv = zeros(...); conv.copy_(x[..., -k:])``, ``s = zeros_like(h[:, -1]); s.copy_(...)``,
     returned as the cache): left outside, the writes would pull the mixer's input projection and the norm
-    before it into the trunk. A part is taken whole: views, fresh buffers and writes into them, reading
-    only the branch, weights and metadata, read only by the graph output.
+    before it into the trunk. A scan over chunks (Qwen3-Next's gated delta rule) updates its state once more
+    after the last chunk's output, for the cache alone: ``s = s * decay[:, -1] + k[:, -1] @ v``; left outside,
+    that update would pull the decay (``dt_bias``), keys and values, and all before them, into the trunk.
+
+    Before (``[...]`` the branch)::          After::
+
+        [ x ─► k, v, decay ─► out ]              [ x ─► k, v, decay ─► out ]
+               └─► s·decay + k@v ─► copy_ ─► output    [ └─► s·decay + k@v ─► copy_ ] ─► output
+
+    A part is taken whole: the values connected to the branch outside it (through inputs and users, not
+    through the branch, weights or metadata), when none is a graph input and only the graph output reads
+    them, and one of them writes in place (a cache write, not a returned activation).
     """
     constants, metadata = dfg.graph["constants"], dfg.graph["metadata"]
     found: set[fx.Node] = set()
+    doomed: set[fx.Node] = set()  # parts found to reach a graph input: every walk that meets them ends there
     for node in nodes - {out}:
         for start in node.users:
-            if start in nodes or start in found or start.op == "output":
+            if start in nodes or start in found or start in doomed or start.op == "output":
                 continue
             part, frontier, ok = set(), [start], True
             while frontier and ok:
                 v = frontier.pop()
                 if v in part or v in nodes or v in constants or v in metadata:
                     continue
-                if v.op == "output" or not (v.target is operator.getitem or gv.is_alias(v) or _is_factory(v)
-                                            or gv.mutates_first_arg(v)):
-                    ok = False
+                if v.op not in ("call_function", "call_method", "call_module") or v in doomed:
+                    ok = False  # a graph input (the stream, a mask, a past state): the part is the trunk's
                     break
                 part.add(v)
                 frontier += [u for u in v.users if u.op != "output"] + list(v.all_input_nodes)
-            if ok and any(gv.mutates_first_arg(v) for v in part):
+            if not ok:
+                doomed |= part
+            elif any(gv.mutates_first_arg(v) for v in part):
                 found |= part
     return found
-
-
-def _is_factory(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _FACTORIES) or \
-        (node.op == "call_method" and node.target in _FACTORY_METHODS)
 
 
 def _whole_regions(nodes: set[fx.Node], add: fx.Node) -> set[fx.Node]:

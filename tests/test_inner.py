@@ -321,3 +321,72 @@ def test_trunk_value_read_by_a_closed_gate_and_a_dead_copy_gets_no_gradient(inne
     _closed_gates_against_the_oracle(net, compiled, dbp, oracle, x, ([last], ["blocks.0.experts", last], []),
                                      modules={last: "blocks.1.experts"})
     assert net.blocks[0].router.weight.grad is not None  # block 1's router reads it through the state
+
+
+class _ScanMixer(nn.Module):
+    """Qwen3-Next's gated delta rule, in small: a decay ``exp(-softplus(a + dt_bias))`` and a state scanned over
+    the sequence into an output buffer; the state is updated once more after the last output, for the cache
+    alone (``zeros_like(s).copy_(s)``, kept by the caller)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.dt_bias = nn.Parameter(torch.linspace(-1.0, 1.0, d))
+
+    def forward(self, h, cache):
+        v, a = self.inp(h).chunk(2, dim=-1)
+        decay = torch.exp(-nn.functional.softplus(a + self.dt_bias))
+        state, outs = torch.zeros_like(v[:, 0]), torch.zeros_like(v)
+        for t in range(h.shape[1]):
+            outs[:, t] = state + v[:, t]
+            state = state * decay[:, t] + v[:, t]
+        cache.append(torch.zeros_like(state).copy_(state))
+        return self.out(outs)
+
+
+class _ScanNet(nn.Module):
+    """Two pre-norm ``x + mixer(ln(x))`` layers; the graph returns the caches the mixers write."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, 1)
+        self.lns, self.mixers = nn.ModuleList(nn.LayerNorm(d) for _ in range(2)), \
+            nn.ModuleList(_ScanMixer(d) for _ in range(2))
+
+    def forward(self, x):
+        x, cache = self.inp(x), []
+        for ln, mixer in zip(self.lns, self.mixers):
+            x = x + mixer(ln(x), cache)
+        return self.out(x), cache
+
+
+class _Logits(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        logits, self.cache = self.net(x)
+        return logits
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_final_state_computed_for_the_cache_alone_stays_in_the_branch(inner):
+    """Regression (Qwen3-Next, transformers 5.25): the state update after the last output, written into a fresh
+    buffer the graph returns, reads the decay and the values; it made their whole computation (``dt_bias``,
+    ``inp``, ``ln``) leave the branch for the trunk, which gave ``dt_bias`` a gradient when the gate was closed."""
+    torch.manual_seed(0)
+    net = _Logits(_ScanNet())
+    oracle = copy.deepcopy(net)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner)
+    compiled = torch.compile(net, backend=dbp)
+    x = torch.randn(2, 4, 16)
+    compiled(x).sum().backward()
+    assert len(net.cache) == 2  # the graph returns both states
+    assert dbp.gate_names == ["net.mixers.0", "net.mixers.1"]
+    for gate in dbp.controller.gates:  # the whole mixer and the norm before it
+        i = gate.name.split(".")[2]
+        assert {f"net.mixers.{i}.dt_bias", f"net.mixers.{i}.inp.weight", f"net.lns.{i}.weight"} <= gate.params, \
+            gate.params
+    _closed_gates_against_the_oracle(net, compiled, dbp, oracle, x,
+                                     (["net.mixers.0"], ["net.mixers.0", "net.mixers.1"], []))
