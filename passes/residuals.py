@@ -206,8 +206,9 @@ def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tupl
     the gate is closed (eager with ``f`` detached), so it and the product stay in the trunk. It must be
     light (at most one projection deep, lighter than ``f``), and not ``f``'s own input projection
     (``f(h) * sigmoid(h)``, ``h = W x``, is one branch: the stream reaches ``f`` only through it). A product
-    taken inside the module of ``f`` (experts weighted by their router inside an MoE module) is ``f``'s own
-    output: the module's caller adds all of it, so all of it is the branch.
+    taken inside a submodule of the code that adds it (experts weighted by their router inside an MoE
+    module, RWKV's receptance gate) is that module's output: its caller adds all of it, so all of it is the
+    branch; the factor stays out only where the adding code applies it (the decoder layer, HY-V4).
 
     Before::                                 After::
 
@@ -232,9 +233,8 @@ def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tupl
         return out, reader
     if not gv.reaches_avoiding(dfg, stream, heavy, set(paths[light][2])):
         return out, reader
-    own = gv.common_module_path(gv.module_path(n) for n in paths[heavy][2])
-    where = gv.module_path(product)
-    if where == own or where.startswith(own + "."):  # the module of ``f`` scales its own output: all of it is f
+    where, at_add = gv.module_path(product), gv.module_path(reader)
+    if where != at_add and (not at_add or where.startswith(at_add + ".")):  # a submodule scales its own output
         return out, reader
     return heavy, product
 
