@@ -152,7 +152,9 @@ def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dic
         finally:
             controller.recorder.active = False
         if not controller.gates:
-            raise LookupError("calibrate: the model has no gates yet; run one training step first")
+            raise LookupError("calibrate: the model has no gates: the training step just run reached no residual "
+                              "branch the backend could gate (see the DropBPWarning above, or "
+                              "dropbp_fx.explain(model, *inputs) for every add and why it was not gated)")
         names = [g.name for g in controller.gates]
         if method == "exact":
             result = {}

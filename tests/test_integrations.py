@@ -39,8 +39,14 @@ def _args(tmp_path, **overrides):
     return transformers.TrainingArguments(**kwargs)
 
 
-def _train(tmp_path, callback, **overrides):
-    trainer = transformers.Trainer(model=_model(), args=_args(tmp_path, **overrides), train_dataset=_dataset(),
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False))
+
+
+def _train(tmp_path, callback, model=None, **overrides):
+    trainer = transformers.Trainer(model=model or _model(), args=_args(tmp_path, **overrides), train_dataset=_dataset(),
                                    callbacks=[callback])
     trainer.train()
     return trainer
@@ -91,7 +97,9 @@ def test_gradient_accumulation_draws_a_mask_per_micro_batch(tmp_path):
 
 def test_gradient_checkpointing_puts_gates_inside_the_layers(tmp_path):
     callback = DropBPCallback(drop_rate=0.5, calibrate="fast", calibrate_at=0.5, inner="eager")
-    trainer = _train(tmp_path, callback, max_steps=6, gradient_checkpointing=True)
+    # GPT-2: with transformers 5.25, Dynamo breaks the graph inside each checkpointed Llama layer
+    # (tests/test_inner.py::test_gradient_checkpointing_gates_inside_checkpointed_layers)
+    trainer = _train(tmp_path, callback, model=_gpt2(), max_steps=6, gradient_checkpointing=True)
     dbp = callback.dropbp
     assert trainer.model.is_gradient_checkpointing
     assert len(dbp.gate_names) == 4
