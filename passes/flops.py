@@ -150,10 +150,13 @@ def _weight_estimate(gm: fx.GraphModule, placeholders, args, error) -> tuple[int
     """When the graph cannot run under the counter (a higher-order op such as ``associative_scan`` that
     refuses the dispatch mode): every weight read by a compute node as a dense matmul, ``2 x weight elements x
     rows`` forward, twice that backward for weights that train. Logged, never a silent zero."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
     value = dict(zip(placeholders, args))
     data = [a for n, a in value.items() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 1
             and not gv.is_constant(n)]
-    rows = data[0].numel() // max(int(data[0].shape[-1]), 1) if data else 1
+    # hints, not ``int()``: reading a symbolic size as an int would guard on it in Dynamo's shape env (a recompile)
+    rows = optimization_hint(data[0].numel() // data[0].shape[-1], fallback=1) if data else 1
     forward = backward = 0
     for node in gm.graph.nodes:
         if not gv.is_compute(node, gm):
@@ -163,7 +166,7 @@ def _weight_estimate(gm: fx.GraphModule, placeholders, args, error) -> tuple[int
             if weight is None and arg.op == "get_attr":
                 weight = getattr(gm, arg.target, None)
             if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-                flops = 2 * int(weight.numel()) * int(rows)
+                flops = 2 * optimization_hint(weight.numel(), fallback=0) * max(int(rows), 1)
                 forward += flops
                 backward += 2 * flops if weight.requires_grad else flops
     why = error if isinstance(error, str) else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
