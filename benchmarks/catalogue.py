@@ -36,11 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON_PATH = os.path.join(ROOT, "benchmarks", "results", "catalogue.json")
 MD_PATH = os.path.join(ROOT, "docs", "catalogue.md")
 # Failures looked at by hand, shown beside the status while the type still fails that way
-NOTES = {
-    ("axk2", "WRONG GRADIENT"): "by hand: dropbp's gradients equal an oracle that detaches self_attn (eager, the "
-                                "same masks); this oracle's module chain runs from the gated norm into the "
-                                "attention's first projections (self_attn.indexer.wq_b) and detaches that instead",
-}
+NOTES: dict[tuple[str, str], str] = {}
 MULTI_TYPES = ("llama", "olmo2", "gpt2", "mistral", "qwen2", "opt", "gemma2", "falcon")
 
 

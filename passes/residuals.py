@@ -292,6 +292,9 @@ def _make_branch(add, skip, out, reader, stream, kind, dfg, stream_parent, root,
     nodes |= _whole_regions(nodes, add)
     nodes |= _parameter_prologue(nodes, dfg)
     nodes -= _parts_of_outside_tuples(nodes)
+    if _metadata_used_inside(nodes, dfg):
+        between = min(_metadata_used_inside(nodes, dfg), key=lambda n: dfg.nodes[n]["index"])
+        raise _Reject(f"{between.name} reads a branch value and feeds the branch, but is read outside it too")
     ordered = _topo(nodes, dfg)
     compute = [n for n in ordered if gv.is_compute(n, root)]
     if not compute:
@@ -335,23 +338,21 @@ def _parts_of_outside_tuples(nodes: set[fx.Node]) -> set[fx.Node]:
 
 
 def _metadata_used_inside(nodes: set[fx.Node], dfg) -> set[fx.Node]:
-    """Metadata computed from branch values and used by branch nodes (``scores / sqrt(q.size(-1))``):
-    it belongs to the branch, or the branch would both feed it and read it."""
-    metadata = dfg.graph["metadata"]
-    derived = [m for m in _topo(metadata, dfg) if any(a in nodes for a in m.all_input_nodes)]
-    derived_set = set(derived)
-    changed = True
-    while changed:  # metadata of metadata (``sqrt(size)``)
-        changed = False
-        for m in metadata - derived_set:
-            if any(a in derived_set for a in m.all_input_nodes):
-                derived_set.add(m)
-                changed = True
-    needed: set[fx.Node] = set()
-    for m in reversed(_topo(derived_set, dfg)):
-        if any(u in nodes or u in needed for u in m.users):
-            needed.add(m)
-    return needed
+    """What the branch feeds and reads again through a shape (``scores / sqrt(q.size(-1))``, XLM's
+    ``scores.masked_fill_(mask.expand_as(scores), ...)``): it belongs to the branch, or the branch would
+    both feed it and read it. These are the FX nodes on a path from a branch node to a branch node (the
+    data-flow graph has no edge into a shape, so :func:`passes.graph_view.between` leaves them out)."""
+    def reach(step) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        frontier = [m for n in nodes for m in step(n) if m not in nodes]
+        while frontier:
+            m = frontier.pop()
+            if m not in seen and m not in nodes and m.op != "output":
+                seen.add(m)
+                frontier += step(m)
+        return seen
+
+    return reach(lambda n: list(n.users)) & reach(lambda n: n.all_input_nodes)
 
 
 def _returned_views(nodes: set[fx.Node], out: fx.Node, dfg) -> set[fx.Node]:

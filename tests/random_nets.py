@@ -114,7 +114,8 @@ class BranchSpec:
     relu_half: bool = False  # decoy ``h + relu(h) * 0.5`` inside an mlp
     unread: bool = False  # mlp: ``tanh(h) * h`` computed and never read (RWKV's state update after the last token)
     rope: bool = False  # attn: ``q * cos + rot(q) * sin`` with cos/sin buffers
-    mask: str = "none"  # attn: none | input | buffer | bias (an nn.Parameter position bias)
+    mask: str = "none"  # attn: none | input | buffer | bias (an nn.Parameter position bias) | fill (XLM's
+    #   ``scores.masked_fill_(m.expand_as(scores), v)``: a value shaped by the branch and read by it)
     sdpa: bool = False  # attn: F.scaled_dot_product_attention instead of matmul/softmax/matmul
     cache: bool = False  # attn: also return (k, v), which the network returns (a KV cache: side outputs)
     kv_build: bool = False  # attn: k split in two and written into slices of ``k.new_empty`` (DeepSeek's MLA)
@@ -494,13 +495,15 @@ class Branch(nn.Module):
             q = q * self.cos + rotate_half(q) * self.sin
             k = k * self.cos + rotate_half(k) * self.sin
         bias = {"none": None, "input": mask, "buffer": getattr(self, "mask_buf", None),
-                "bias": getattr(self, "pos_bias", None)}[spec.mask]
+                "bias": getattr(self, "pos_bias", None), "fill": None}[spec.mask]
         if spec.sdpa:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             if bias is not None:
                 scores = scores + bias
+            if spec.mask == "fill":  # XLM: a mask shaped by the scores, filled in place
+                scores.masked_fill_((mask > 1).expand_as(scores), -1e4)  # the input mask: a graph input
             a = torch.softmax(scores, dim=-1) @ v
         if spec.cache and spec.kv_build:  # Mamba's state: the last key written into a fresh buffer, returned
             state = torch.zeros_like(k[:, -1])
@@ -734,7 +737,7 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested", "ke
     if not spec.flat:
         spec = replace(spec, layer_scale=draw(st.booleans()), bias_as=draw(st.booleans()))
     if body == "attn":
-        spec = replace(spec, rope=draw(st.booleans()), mask=draw(st.sampled_from(["none", "input", "buffer", "bias"])),
+        spec = replace(spec, rope=draw(st.booleans()), mask=draw(st.sampled_from(["none", "input", "buffer", "bias", "fill"])),
                        sdpa=draw(st.booleans()), cache=nest_depth == 0 and draw(st.booleans()),
                        kv_build=draw(st.booleans()))
     if body == "nested":

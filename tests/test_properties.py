@@ -361,6 +361,8 @@ EXAMPLES = {
     # ``f(x) + b.expand_as(x)``: the bias reads only the stream's shape, so it is part of the branch
     "bias_shaped_by_stream": rn.NetSpec((seq(B("attn", bias_as=True), B("mlp", bias_as=True, style="post")),
                                          rn.BlockSpec("projection", (B("mlp", bias_as=True),), d_out=12))),
+    # XLM: ``scores.masked_fill_(mask.expand_as(scores), v)``, a value shaped by the branch and read by it
+    "mask_shaped_by_branch": rn.NetSpec((seq(B("attn", mask="fill"), B("mlp")),)),
     "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
     "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
 }
@@ -488,6 +490,16 @@ def test_writes_into_fresh_returned_buffers_stay_in_the_branch(inner):
     would sit in a compiled trunk segment and get a zero gradient, not none, when its gate is closed."""
     check_compiled(EXAMPLES["kv_build"], dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", seed=3,
                                                           keep_one_open=True, inner=inner))
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_values_shaped_by_the_branch_stay_in_it(inner):
+    """Regression (XLM): ``scores.masked_fill_(mask.expand_as(scores), v)``. The expanded mask reads only the
+    scores' shape (no data edge), so it was left in the trunk while the branch read it: the branch fed the
+    trunk and read it back, and outlining failed ("Invalid partition, found dependency cycles")."""
+    check_compiled(EXAMPLES["mask_shaped_by_branch"], dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", seed=3,
+                                                                       keep_one_open=True, inner=inner),
+                   mask_spec=ALTERNATE)
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
