@@ -144,12 +144,12 @@ class DropBP:
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs, name_prefix: str) -> int:
         """Gate the residual branches of ``gm`` and of its checkpointed regions; returns how many."""
-        from passes.checkpoints import checkpoint_calls, replace_checkpoint_calls
-        from passes.dead_code import remove_dead_code
-        from passes.gating import gate_residual_branches
-        from passes.instrument import insert_probes
-        from passes.nesting import choose_nest_levels
-        from passes.residuals import find_residual_branches
+        from dropbp_fx.passes.checkpoints import checkpoint_calls, replace_checkpoint_calls
+        from dropbp_fx.passes.dead_code import remove_dead_code
+        from dropbp_fx.passes.gating import gate_residual_branches
+        from dropbp_fx.passes.instrument import insert_probes
+        from dropbp_fx.passes.nesting import choose_nest_levels
+        from dropbp_fx.passes.residuals import find_residual_branches
 
         gated = 0
         values = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs or ()))
@@ -184,7 +184,8 @@ class DropBP:
             self._weights[branch.name] = branch.weight
             self.side_outputs[branch.name] = len(branch.side_outputs)
         _propagate_shapes(gm, example_inputs)
-        gate_residual_branches(gm, analysis.branches, self.controller)
+        gate_residual_branches(gm, analysis.branches, lambda sub_gm, branch: DropGate(sub_gm, branch.name,
+                                                                                     self.controller))
         insert_probes(gm, lambda node: _is_gate_call(gm, node),
                       lambda target, side: Probe(gm.get_submodule(target), side, self.controller.recorder))
         self._count_flops(gm)
@@ -223,7 +224,7 @@ class DropBP:
     def _check_cut(self, gm: fx.GraphModule, analysis, record: GraphRecord, prefix: str) -> None:
         """A graph break inside a residual branch: no graph holds its whole ``x + f(x)``, so it is not gated.
         Said by name (the module, the op that broke the graph, Dynamo's fix), once per module and op."""
-        from passes.breaks import cut_branches, describe_break
+        from dropbp_fx.passes.breaks import cut_branches, describe_break
 
         why = describe_break(gm)
         if why is None:
@@ -256,8 +257,8 @@ class DropBP:
 
     def _count_flops(self, gm: fx.GraphModule) -> None:
         """FLOPs of every gate's branch, from the shapes the graph carries (identical layers counted once)."""
-        from passes.flops import count_flops
-        from passes.graph_view import structure_key
+        from dropbp_fx.passes.flops import count_flops
+        from dropbp_fx.passes.graph_view import structure_key
 
         for node in gm.graph.nodes:
             if not _is_gate_call(gm, node):
@@ -278,8 +279,8 @@ class DropBP:
         parameter elements where the graph has none."""
         from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
-        from passes.flops import count_flops
-        from passes.graph_view import structure_key
+        from dropbp_fx.passes.flops import count_flops
+        from dropbp_fx.passes.graph_view import structure_key
 
         sub_gm, inputs, _ = fuse_as_graphmodule(gm, branch.nodes, "Nested", dict.fromkeys(branch.nodes))
         values = [n.meta.get("example_value", n.meta.get("val")) for n in inputs]
@@ -302,7 +303,7 @@ class DropBP:
 
     def _compile_pieces(self, gm: fx.GraphModule) -> None:
         """Trunk segments and both variants of every branch compile with the inner compiler on first call."""
-        from passes.segments import split_trunk
+        from dropbp_fx.passes.segments import split_trunk
 
         cache = self.compile_cache
         regions = [gm] + [m.body for m in gm.modules() if isinstance(m, Checkpointed)]
@@ -383,7 +384,7 @@ def _warn_stream_mutations(branches) -> None:
     The skip then sees the mutated value too, so the mutation is part of the trunk: it stays outside
     the gate and always gets gradient. That is what the model computes, but rarely what was meant.
     """
-    from passes import graph_view as gv
+    from dropbp_fx.passes import graph_view as gv
 
     for branch in branches:
         if gv.mutates_first_arg(branch.skip) and not gv.is_add(branch.skip):

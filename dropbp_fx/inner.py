@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes.graph_view import structure_key
+from dropbp_fx.passes.graph_view import structure_key
 
 log = logging.getLogger("dropbp_fx")
 
@@ -45,19 +45,31 @@ def inner_backend(inner: str):
 
         return aot_eager
     if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        _fix_inductor_tile2d_atomic_add()
-        return compile_fx
+        return _inductor
     raise ValueError(f"no compiler for inner={inner!r}; choose one of {INNER_COMPILERS}")
 
 
-_TILE2D_FIX: list[bool] = []  # [whether the fix is installed], once checked
+def _inductor(gm: fx.GraphModule, example_inputs):
+    """Inductor, with the workaround of :func:`tile2d_atomic_add_fix` in force while it compiles a piece's
+    forward or backward graph (AOTAutograd compiles the backward lazily, through the same ``inner_compile``)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def inner_compile(*args, **kwargs):
+        with tile2d_atomic_add_fix():
+            return compile_fx_inner(*args, **kwargs)
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
 
-def _fix_inductor_tile2d_atomic_add() -> bool:
+_TILE2D_BUGGY: list[bool] = []  # [whether the installed Inductor has the bug], once checked
+
+
+@contextlib.contextmanager
+def tile2d_atomic_add_fix():
     """Work around an Inductor CPU codegen bug that writes out of bounds (pytorch/pytorch#191837; the upstream fix,
-    pytorch/pytorch#191861, does the same), installed once, only where the installed Inductor has the bug.
+    pytorch/pytorch#191861, does the same), for the compiles in this block only, and only where the installed
+    Inductor has the bug (read from its source: torch builds with the upstream fix are left alone). Outside the
+    block, and so in the user's own ``torch.compile`` calls, ``CppTile2DKernel.store`` is torch's own.
 
     In a 2-D tiled C++ kernel (``CppTile2DKernel``: a transposed load fused with other work), a store in
     ``atomic_add`` mode (``index_put(accumulate=True)``: the backward of advanced indexing such as Falcon's
@@ -69,38 +81,44 @@ def _fix_inductor_tile2d_atomic_add() -> bool:
     so when compiled as a DropBP piece (its KV-cache outputs put a transposed gradient in the same kernel); plain
     ``torch.compile`` fuses the whole model differently and happens not to. Fix (as upstream): for that path, hand
     ``CppVecKernel.store`` the untransformed index, so the offset is applied once."""
-    if _TILE2D_FIX:
-        return _TILE2D_FIX[0]
-    import inspect
-
     from torch._inductor import config
     from torch._inductor.codegen import cpp
 
-    installed = False
+    if not _TILE2D_BUGGY:
+        _TILE2D_BUGGY.append(_has_tile2d_bug(cpp))
+    if not _TILE2D_BUGGY[0]:
+        yield
+        return
+    buggy_store = cpp.CppTile2DKernel.store
+
+    def store(self, name, index, value, mode=None):
+        if (mode == "atomic_add" and (config.cpp.dynamic_threads or self.num_threads != 1)
+                and not self.need_vec_transpose(self.rename_indexing(index))):
+            # the parallel atomic_add path of CppVecKernel.store transforms the index itself
+            return cpp.CppVecKernel.store(self, name, index, value, mode)
+        return buggy_store(self, name, index, value, mode)
+
+    cpp.CppTile2DKernel.store = store
+    try:
+        yield
+    finally:
+        cpp.CppTile2DKernel.store = buggy_store
+
+
+def _has_tile2d_bug(cpp) -> bool:
+    import inspect
+
     try:
         tile_store = inspect.getsource(cpp.CppTile2DKernel.store)
         vec_store = inspect.getsource(cpp.CppVecKernel.store)
         index_expr = inspect.getsource(cpp.CppTile2DOverrides.index_expr)
-        buggy = ("new_index = self.transform_indexing(index)" in tile_store
-                 and "super().store(name, new_index, value, mode)" in tile_store
-                 and "ops.index_expr(index" in vec_store and "transform_indexing" in index_expr)
     except (AttributeError, OSError, TypeError):  # another Inductor: nothing to fix here
-        buggy = False
-    if buggy:
-        buggy_store = cpp.CppTile2DKernel.store
-
-        def store(self, name, index, value, mode=None):
-            if (mode == "atomic_add" and (config.cpp.dynamic_threads or self.num_threads != 1)
-                    and not self.need_vec_transpose(self.rename_indexing(index))):
-                # the parallel atomic_add path of CppVecKernel.store transforms the index itself
-                return cpp.CppVecKernel.store(self, name, index, value, mode)
-            return buggy_store(self, name, index, value, mode)
-
-        cpp.CppTile2DKernel.store = store
-        installed = True
-        log.debug("dropbp: patched Inductor's CppTile2DKernel.store (pytorch/pytorch#191837)")
-    _TILE2D_FIX.append(installed)
-    return installed
+        return False
+    buggy = ("new_index = self.transform_indexing(index)" in tile_store
+             and "super().store(name, new_index, value, mode)" in tile_store
+             and "ops.index_expr(index" in vec_store and "transform_indexing" in index_expr)
+    log.debug("dropbp: Inductor's CppTile2DKernel.store %s pytorch/pytorch#191837", "has" if buggy else "is free of")
+    return buggy
 
 
 def input_key(args) -> tuple:

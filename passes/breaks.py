@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from passes import graph_view as gv
+from . import graph_view as gv
 
 
 def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Module | None = None) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes.outline import free_attr
+from .outline import free_attr
 
 
 def _is_checkpoint(node: fx.Node) -> bool:

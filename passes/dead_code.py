@@ -31,7 +31,7 @@ import re
 import torch
 import torch.fx as fx
 
-from passes import graph_view as gv
+from . import graph_view as gv
 
 _RANDOM = re.compile(r"rand|dropout|bernoulli|multinomial|poisson|rrelu|gumbel|^normal_?$")
 

@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from passes import graph_view as gv
+from . import graph_view as gv
 
 aten = torch.ops.aten
 log = logging.getLogger("dropbp_fx.passes")

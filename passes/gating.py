@@ -23,46 +23,34 @@ value is unchanged; the gate decides, per step, whether the branch runs with aut
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch import nn
 from torch.fx.passes.tools_common import stable_topological_sort
 
-from dropbp_fx.gate import DropGate
-from passes.dead_code import remove_dead_code
-from passes.outline import outline
-from passes.residuals import ResidualBranch, find_residual_branches
+from .outline import outline
+from .residuals import ResidualBranch
+
+GateFactory = Callable[[fx.GraphModule, ResidualBranch], nn.Module]
 
 
-def gate_residual_branches(gm: fx.GraphModule, branches: list[ResidualBranch], controller) -> fx.GraphModule:
-    """Move each branch into a :class:`DropGate` submodule registered with ``controller``; returns ``gm``."""
+def gate_residual_branches(gm: fx.GraphModule, branches: list[ResidualBranch], make_gate: GateFactory) -> fx.GraphModule:
+    """Move each branch into the module ``make_gate(branch_gm, branch)`` returns (the runtime's ``DropGate``);
+    returns ``gm``."""
     for branch in branches:
-        _gate_one(gm, branch, controller)
+        _gate_one(gm, branch, make_gate)
     stable_topological_sort(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _gate_one(gm: fx.GraphModule, branch: ResidualBranch, controller) -> None:
-    call = outline(gm, branch.nodes, lambda sub_gm: DropGate(sub_gm, branch.name, controller), "dropbp_gate",
+def _gate_one(gm: fx.GraphModule, branch: ResidualBranch, make_gate: GateFactory) -> None:
+    call = outline(gm, branch.nodes, lambda sub_gm: make_gate(sub_gm, branch), "dropbp_gate",
                    first=branch.output, class_name="ResidualBranch")
     call.meta["dropbp_gate"] = branch.name
     if branch.stream is not None:  # which argument is the residual stream (for passes.instrument)
         call.meta["dropbp_stream_arg"] = call.args.index(branch.stream)
     if "nn_module_stack" in branch.add.meta:
         call.meta["nn_module_stack"] = dict(branch.add.meta["nn_module_stack"])
-
-
-class GateResidualBranches(PassBase):
-    """Pass form of find + gate, for a ``torch.fx.passes.infra.pass_manager.PassManager``."""
-
-    def __init__(self, controller) -> None:
-        super().__init__()
-        self.controller = controller
-        self.analysis = None
-
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        remove_dead_code(graph_module)
-        self.analysis = find_residual_branches(graph_module)
-        gate_residual_branches(graph_module, self.analysis.branches, self.controller)
-        return PassResult(graph_module, bool(self.analysis.branches))

@@ -23,9 +23,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import kernels
-from passes.module_paths import clean_module_path, common_module_path, module_path, structure_key  # noqa: F401
-from passes.views import view_bases  # noqa: F401
+from . import kernels
+from .module_paths import clean_module_path, common_module_path, module_path, structure_key  # noqa: F401
+from .views import view_bases  # noqa: F401
 
 aten = torch.ops.aten
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch.fx as fx
 from torch import nn
 
-from passes.outline import free_attr
+from .outline import free_attr
 
 
 def insert_probes(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool],

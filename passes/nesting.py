@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from passes.residuals import ResidualAnalysis, ResidualBranch
+from .residuals import ResidualAnalysis, ResidualBranch
 
 OUTER_MARGIN = 1.25
 

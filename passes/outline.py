@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
-from passes import kernels
+from . import kernels
 
 
 def outline(gm: fx.GraphModule, nodes: list[fx.Node], make_module: Callable[[fx.GraphModule], nn.Module],

@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes import graph_view as gv
+from . import graph_view as gv
 
 
 @dataclass

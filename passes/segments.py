@@ -41,9 +41,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.tools_common import stable_topological_sort
 
-from passes import graph_view as gv
-from passes.dead_code import remove_dead_code
-from passes.outline import outline
+from . import graph_view as gv
+from .dead_code import remove_dead_code
+from .outline import outline
 
 
 def split_trunk(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool],

@@ -390,3 +390,30 @@ def test_final_state_computed_for_the_cache_alone_stays_in_the_branch(inner):
             gate.params
     _closed_gates_against_the_oracle(net, compiled, dbp, oracle, x,
                                      (["net.mixers.0"], ["net.mixers.0", "net.mixers.1"], []))
+
+
+def test_inductor_workaround_is_scoped_to_dropbp_compiles(monkeypatch):
+    """The Inductor fix for pytorch/pytorch#191837 is in force while dropbp compiles a piece (forward and the lazily
+    compiled backward) where the installed Inductor has the bug, and torch's own ``CppTile2DKernel.store`` is back
+    afterwards, so the user's other ``torch.compile`` calls are untouched."""
+    import torch._inductor.compile_fx as compile_fx
+    from torch._inductor.codegen import cpp
+
+    from dropbp_fx import inner
+
+    original = cpp.CppTile2DKernel.store
+    real, during = compile_fx.compile_fx_inner, []
+
+    def spy(*args, **kwargs):
+        during.append(cpp.CppTile2DKernel.store is not original)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", spy)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(Net(depth=2), backend=dropbp_fx.DropBP(drop_rate=0.5, inner="inductor"))
+    compiled(torch.randn(8, 16)).backward()
+    assert len(during) >= 2  # forward and backward graphs of the pieces
+    assert set(during) == {inner._has_tile2d_bug(cpp)}
+    assert cpp.CppTile2DKernel.store is original
+    torch._dynamo.reset()

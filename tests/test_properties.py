@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 import dropbp_fx
-from passes import find_residual_branches
+from dropbp_fx.passes import find_residual_branches
 from tests import random_nets as rn
 from tests.oracle import assert_same_grads, detached, grads
 

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dropbp_fx  # noqa: E402
-from passes import find_residual_branches  # noqa: E402
+from dropbp_fx.passes import find_residual_branches  # noqa: E402
 from tests.oracle import assert_same_grads, detached, grads  # noqa: E402
 
 LAYERS = 2
@@ -170,7 +170,7 @@ def test_models_with_different_eps_in_one_process_under_inductor(monkeypatch):
     or the graph fell back to eager with ``DataDependentOutputException``); gradients equal the oracle's."""
     import warnings
 
-    from passes import outline
+    from dropbp_fx.passes import outline
 
     torch._dynamo.reset()
     recomputed = []
