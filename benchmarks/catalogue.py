@@ -41,7 +41,7 @@ MULTI_TYPES = ("llama", "olmo2", "gpt2", "mistral", "qwen2", "opt", "gemma2", "f
 
 
 def default_inner() -> str:
-    from dropbp_fx.backend import DEFAULTS
+    from dropbp_fx.config import DEFAULTS
 
     return DEFAULTS["inner"]
 

@@ -15,12 +15,15 @@ Public API::
     Trainer(..., callbacks=[dropbp_fx.integrations.DropBPCallback(drop_rate=0.75)])  # transformers
 """
 
-from dropbp_fx.backend import DropBP, DropBPWarning, get_dropbp, validate_options
+from dropbp_fx.backend import DropBP
 from dropbp_fx.calibrate import Calibration, CalibrationSchedule, calibrate, sensitivities
+from dropbp_fx.config import DropBPConfig, validate_options
 from dropbp_fx.controller import DropController
+from dropbp_fx.discovery import get_dropbp
 from dropbp_fx.explain import Explanation, explain
 from dropbp_fx.gate import DropGate
+from dropbp_fx.reports import DropBPWarning
 
-__all__ = ["Calibration", "CalibrationSchedule", "DropBP", "DropBPWarning", "DropController", "DropGate", "Explanation", "calibrate",
-           "explain", "get_dropbp", "sensitivities", "validate_options"]
+__all__ = ["Calibration", "CalibrationSchedule", "DropBP", "DropBPConfig", "DropBPWarning", "DropController", "DropGate",
+           "Explanation", "calibrate", "explain", "get_dropbp", "sensitivities", "validate_options"]
 __version__ = "0.1.0"

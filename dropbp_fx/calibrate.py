@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,9 +32,11 @@ import torch
 from torch import nn
 
 from dropbp_fx.allocate import allocate_rates
-from dropbp_fx.backend import DropBP, _ddp_class, _unwrap_ddp, get_dropbp
+from dropbp_fx.discovery import get_dropbp
+from dropbp_fx.rng import same_randomness
+from dropbp_fx.distributed import ddp_of, model_of
 
-log = logging.getLogger("dropbp_fx")
+log = logging.getLogger(__name__)
 
 METHODS = ("fast", "exact")
 
@@ -84,34 +85,9 @@ def _loss_fn(compiled, batch_or_closure) -> Callable[[], torch.Tensor]:
     return loss
 
 
-@contextlib.contextmanager
-def _same_randomness():
-    """Every pass replays the same RNG state; the caller's state is restored afterwards."""
-    states = (torch.get_rng_state(), random.getstate(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        import numpy as np
-        np_state = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        np, np_state = None, None
-
-    def replay():
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        if states[2] is not None:
-            torch.cuda.set_rng_state_all(states[2])
-        if np is not None:
-            np.random.set_state(np_state)
-    try:
-        yield replay
-    finally:
-        replay()
-
-
 def _model_of(compiled) -> nn.Module:
     """The model whose parameter names the gates know: inside ``torch.compile`` and DDP wrappers."""
-    model = _unwrap_ddp(compiled)
-    model = _unwrap_ddp(getattr(model, "_orig_mod", model))
+    model = model_of(compiled)
     if not isinstance(model, nn.Module):
         raise TypeError("calibrate needs the compiled model (torch.compile(model, backend='dropbp'))")
     return model
@@ -121,7 +97,7 @@ def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dic
     """Gate name -> sensitivity, and the number of backward passes it took."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    dbp: DropBP = get_dropbp(compiled)
+    dbp = get_dropbp(compiled)
     model = _model_of(compiled)
     loss_fn = _loss_fn(compiled, batch_or_closure)
     controller = dbp.controller
@@ -130,27 +106,19 @@ def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dic
         raise ValueError("calibrate: no parameter requires grad, so there is no gradient to measure")
 
     def grad_norms(dropped: int | None) -> list[float]:
-        controller.forced = {} if dropped is None else {dropped: True}
-        try:
+        with controller.forcing({} if dropped is None else {dropped: True}):
             replay()
             loss = loss_fn()
             if not loss.requires_grad:
                 raise ValueError("calibrate: the loss does not require grad on this batch (nothing trainable "
                                  "reaches it); use a batch that trains the model")
             grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-        finally:
-            controller.forced = None
         return [0.0 if g is None else float(g.detach().float().norm()) for g in grads]
 
-    ddp = _ddp_of(compiled)
-    with _same_randomness() as replay, (ddp.no_sync() if ddp is not None else contextlib.nullcontext()):
-        if controller.gates:
-            controller.recorder.reset()
-            controller.recorder.active = method == "fast"
-        try:
+    ddp = ddp_of(compiled)
+    with same_randomness() as replay, (ddp.no_sync() if ddp is not None else contextlib.nullcontext()):
+        with controller.recording() if method == "fast" else contextlib.nullcontext():
             reference = grad_norms(None)
-        finally:
-            controller.recorder.active = False
         if not controller.gates:
             raise LookupError("calibrate: the model has no gates: the training step just run reached no residual "
                               "branch the backend could gate (see the DropBPWarning above, or "
@@ -186,15 +154,6 @@ def _fast_estimate(controller, params, reference, tied: set[str]) -> dict[str, f
     return result
 
 
-def _ddp_of(compiled):
-    """The ``DistributedDataParallel`` of ``torch.compile(DDP(model))`` or ``DDP(torch.compile(model))``, if any."""
-    ddp = _ddp_class()
-    for module in (compiled, getattr(compiled, "_orig_mod", None)):
-        if ddp is not None and isinstance(module, ddp):
-            return module
-    return None
-
-
 def _mean_over_ranks(sens: dict[str, float], ddp) -> dict[str, float]:
     """Under DDP every rank must draw the same masks, so use the same rates: each rank measured its own
     batch, and all of them allocate from the mean of the sensitivities."""
@@ -217,7 +176,7 @@ def calibrate(compiled, batch_or_closure, target: float = 0.75, *, method: str =
     """
     dbp = get_dropbp(compiled)
     sens, passes = sensitivities(compiled, batch_or_closure, method)
-    sens = _mean_over_ranks(sens, _ddp_of(compiled))
+    sens = _mean_over_ranks(sens, ddp_of(compiled))
     gates = dbp.controller.gates
     missing = [g.name for g in gates if not g.flops]
     flops = [g.flops[1] if g.flops else 1.0 for g in gates]
@@ -234,6 +193,13 @@ def calibrate(compiled, batch_or_closure, target: float = 0.75, *, method: str =
     return table
 
 
+def calibration_step(fraction: float, total_steps: int) -> int:
+    """The step at which the rates are calibrated: ``fraction`` of training (the paper: 10%)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    return int(fraction * total_steps)
+
+
 class CalibrationSchedule:
     """Calibrate once, at ``fraction`` of ``total_steps`` (10% by default, as the paper does).
 
@@ -247,9 +213,7 @@ class CalibrationSchedule:
 
     def __init__(self, compiled, total_steps: int, *, target: float = 0.75, fraction: float = 0.1,
                  method: str = "fast", **kwargs) -> None:
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
-        self.compiled, self.at = compiled, int(fraction * total_steps)
+        self.compiled, self.at = compiled, calibration_step(fraction, total_steps)
         self.target, self.method, self.kwargs = target, method, kwargs
         self.steps, self.result = 0, None
 

@@ -13,6 +13,7 @@ in eval mode draw nothing and drop nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import weakref
@@ -21,13 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dropbp_fx.config import POLICIES, DropBPConfig, check_rate  # noqa: F401 (re-exported)
 from dropbp_fx.probe import ProbeRecorder
-
-POLICIES = ("topup", "bernoulli")
 
 
 @dataclass
 class GateState:
+    """Everything about one gate, in one place (``controller.gates[slot]``); the ``DropGate`` module holds its
+    slot only."""
+
     name: str
     rate: float
     calls: int = 0  # training-mode calls
@@ -89,9 +92,33 @@ class DropController:
         self.trunk_inputs_train = False  # set for graphs of compiled functions: a grad input feeds the trunk
         self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
         self._model = None  # weakref to the compiled model: its eval mode turns dropping off
-        self.forced: dict[int, bool] | None = None  # a calibration's fixed mask (slot -> dropped)
+        self._forced: dict[int, bool] | None = None  # a calibration's fixed mask (slot -> dropped): see forcing()
         self._resumed: tuple[int, set[str]] | None = None  # (step, gate names) of a state loaded before any graph
-        self.recorder = ProbeRecorder()
+        self.recorder = ProbeRecorder()  # on only inside recording()
+
+    @classmethod
+    def from_config(cls, config: DropBPConfig) -> DropController:
+        return cls(config.drop_rate, seed=config.seed, policy=config.policy, keep_one_open=config.keep_one_open)
+
+    @contextlib.contextmanager
+    def forcing(self, dropped: dict[int, bool]):
+        """Inside the block, gates follow ``dropped`` (slot -> closed; missing: open): no step is drawn and
+        nothing is counted (a calibration pass)."""
+        previous, self._forced = self._forced, dict(dropped)
+        try:
+            yield
+        finally:
+            self._forced = previous
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Inside the block, every gate adds its gradient norms to ``self.recorder`` (emptied first)."""
+        self.recorder.reset()
+        self.recorder.active = True
+        try:
+            yield self.recorder
+        finally:
+            self.recorder.active = False
 
     def watch(self, model) -> None:
         """Drop only while ``model.training`` (a Dynamo graph may not be specialised on the mode)."""
@@ -190,8 +217,8 @@ class DropController:
         """Called by a gate on every training-mode call: is the gate closed this step?"""
         if not torch.is_grad_enabled():
             return False
-        if self.forced is not None:  # a calibration pass: no step, no counts
-            return self.forced.get(slot, False)
+        if self._forced is not None:  # a calibration pass: no step, no counts
+            return self._forced.get(slot, False)
         if torch._C._current_graph_task_id() != -1:  # backward recomputing a checkpointed region
             return slot < len(self._mask) and self._mask[slot]
         if self._model is not None:
@@ -265,8 +292,3 @@ def _mismatch_message(model_only: list[str], state_only: list[str]) -> str:
     parts += [f"gates the state names that the model does not run: {state_only}"] if state_only else []
     return ("dropbp: this drop state was saved from another model (gate names are module paths, e.g. "
             "'model.layers.0.mlp'): " + "; ".join(parts) + ". Load it into the model it was saved from.")
-
-
-def check_rate(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{key} must be a number in [0, 1) (0 = never drop), got {value!r}")

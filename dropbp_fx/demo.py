@@ -65,10 +65,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import dropbp_fx
 from dropbp_fx import data
 from dropbp_fx.allocate import flops_weighted_rate
+from dropbp_fx.config import DEFAULTS, NAMED_INNER, OPTIONS, DropBPConfig
 
 log = logging.getLogger("dropbp_fx.demo")
 
-INNERS = ("eager", "aot_eager", "inductor")
+INNERS = NAMED_INNER  # the baseline compiles with the same name: Dynamo backends that also take whole models
 PRETRAINED = "minilm"
 # the size of the model built from a config for --model TYPE (random init): MiniLM's width, 4 layers
 RANDOM_SIZE = {"hidden_size": 384, "num_hidden_layers": 4, "num_attention_heads": 6, "intermediate_size": 1536}
@@ -80,12 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=PRETRAINED,
                    help=f"'{PRETRAINED}' (pretrained all-MiniLM-L6-v2) or a transformers model type built from a "
                         "small config with random init: llama, bert, gpt2, ...")
-    p.add_argument("--drop-rate", type=float, default=0.5, help="DropBP target drop rate, in [0, 1)")
+    p.add_argument("--drop-rate", type=float, default=DEFAULTS["drop_rate"], help=OPTIONS["drop_rate"])
     p.add_argument("--rates", default="sensitivity", choices=["sensitivity", "uniform"],
                    help="per-branch rates calibrated at 10%% of the steps, or the same rate everywhere")
     p.add_argument("--steps", type=int, default=80, help="timed training steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the compile happens in the first)")
-    p.add_argument("--inner", default="inductor", choices=INNERS,
+    p.add_argument("--inner", default=DEFAULTS["inner"], choices=INNERS,
                    help="the compiler of both runs (dropbp's inner compiler; the baseline's backend)")
     p.add_argument("--batch-size", type=int, default=16, help="docstrings per step")
     p.add_argument("--seq", type=int, default=32, help="tokens per docstring (longer ones are cut)")
@@ -97,8 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq < 2 or args.threads < 0:
         p.error("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --seq >= 2 and --threads >= 0")
-    if not 0 <= args.drop_rate < 1:
-        p.error("need 0 <= --drop-rate < 1")
+    try:
+        DropBPConfig(drop_rate=args.drop_rate, seed=args.seed, inner=args.inner)
+    except ValueError as error:
+        p.error(str(error))
     if args.lr is None:
         args.lr = 3e-4 if args.model == PRETRAINED else 5e-4
     return args

@@ -13,13 +13,13 @@ state are put back, and the model's mode is restored.
 from __future__ import annotations
 
 import contextlib
-import random
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dropbp_fx.backend import DropBP, validate_options
+from dropbp_fx.rng import same_randomness
 
 
 @dataclass
@@ -31,7 +31,7 @@ class GateRow:
 
 
 @dataclass
-class SkippedAdd:
+class SkippedRow:
     graph: int
     node: str
     module: str
@@ -45,7 +45,7 @@ class Explanation:
     gates: list[GateRow] = field(default_factory=list)
     nested: list[str] = field(default_factory=list)  # the levels of nested branches left ungated
     nests: list[str] = field(default_factory=list)  # per nest: the level gated and why
-    skipped: list[SkippedAdd] = field(default_factory=list)
+    skipped: list[SkippedRow] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     cut: list[str] = field(default_factory=list)  # residual branches a graph break cut in two (not gated)
     graphs: int = 0
@@ -108,7 +108,7 @@ def explain(model: nn.Module, *example_inputs, options: dict | None = None, **ex
         report.nested += record.nested
         report.nests += record.nests
         report.cut += [record.cut] if record.cut else []
-        report.skipped += [SkippedAdd(record.index, node, module, reason) for node, module, reason in record.skipped]
+        report.skipped += [SkippedRow(record.index, node, module, reason) for node, module, reason in record.skipped]
         if record.note and not record.gates:
             report.notes.append(f"graph {record.index}: {record.note}")
     return report
@@ -128,10 +128,9 @@ def _no_trace(model: nn.Module):
     """Training mode with grad on for the forward; mode, buffers and RNG state put back afterwards."""
     training = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    rng = torch.get_rng_state(), random.getstate()
     try:
         model.train()
-        with torch.enable_grad():
+        with torch.enable_grad(), same_randomness():
             yield
     finally:
         for m, mode in training.items():
@@ -140,5 +139,3 @@ def _no_trace(model: nn.Module):
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-        torch.set_rng_state(rng[0])
-        random.setstate(rng[1])

@@ -9,14 +9,18 @@ Contract, for a branch ``f`` and its inputs ``args``:
   the skip only, and the branch's parameters get no gradient this step.
 
 Whether a gate is closed is decided per step, outside the graph, by a controller
-(``dropbp_fx.controller.DropController``): ``controller.register(name) -> slot`` once,
-``controller.is_dropped(slot) -> bool`` on every call.
+(``dropbp_fx.controller.DropController``), which owns the gate's record (name, rate, FLOPs,
+parameters, counts): ``controller.register(name, params) -> slot`` once, ``controller.is_dropped(slot)``
+on every call. While a calibration records (``controller.recording()``), the gate also reads the
+gradients at its stream input and its output (see :mod:`dropbp_fx.probe`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dropbp_fx.probe import record_grad
 
 
 class DropGate(nn.Module):
@@ -31,28 +35,41 @@ class DropGate(nn.Module):
         # What runs for an open / a closed gate; an inner compiler may replace either.
         self.run_open = branch
         self.run_closed = branch
+        self.stream_arg: int | None = None  # which argument is the residual stream (for calibration probes)
         # A graph Dynamo compiled for one layer's frame is reused for every identical layer: the gate
         # then tells layers apart by a parameter it receives (argument ``anchor``), naming each with
         # ``namer(parameter) -> (name, names of the parameters it consumes)``.
         self.anchor: int | None = None
         self.namer = None
-        self.flops: tuple[int, int] | None = None  # (forward, backward), set by the backend
-        self.ticket = None  # a probe waiting to learn this call's slot (calibration only)
-        self.last_slot = self.slot
         self._slots: dict[int, int] = {}
+
+    @property
+    def flops(self) -> tuple[int, int] | None:
+        """(forward, backward) FLOPs of the branch: the controller's record of this gate."""
+        return self.controller.gates[self.slot].flops
+
+    def anchor_on(self, index: int, namer, parameter) -> None:
+        """Name each call after the layer owning argument ``index`` (``parameter`` is this graph's own)."""
+        self.anchor, self.namer = index, namer
+        self._slots[id(parameter)] = self.slot
 
     def forward(self, *args):
         slot = self.slot if self.anchor is None else self._slot_for(args[self.anchor])
-        if self.ticket is not None:  # a calibration is recording
-            self.ticket[0] = self.last_slot = slot
-            self.ticket = None
+        recorder = self.controller.recorder
+        probing = recorder.active and self.stream_arg is not None and torch.is_grad_enabled()
+        if probing:  # the gradient that flows back into the stream through the branch
+            args = list(args)
+            args[self.stream_arg] = record_grad(args[self.stream_arg], recorder, slot, "in")
         if self.training and self.controller.is_dropped(slot):
             with torch.no_grad():
                 outputs = self.run_closed(*args)
             # Outputs made under no_grad may be views; a later in-place add with grad on
             # (``mlp_out += attn_out``) is refused on such views, so hand out plain tensors.
             return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
-        return self.run_open(*args)
+        outputs = self.run_open(*args)
+        if probing:  # the gradient the stream carries at the add
+            outputs = (record_grad(outputs[0], recorder, slot, "out"), *outputs[1:])
+        return outputs
 
     def _slot_for(self, parameter) -> int:
         slot = self._slots.get(id(parameter))

@@ -31,22 +31,25 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from dropbp_fx.config import NAMED_INNER
 from dropbp_fx.passes.graph_view import structure_key
 
-log = logging.getLogger("dropbp_fx")
+log = logging.getLogger(__name__)
+graph_log = logging.getLogger("dropbp_fx.graphs")
 
-INNER_COMPILERS = ("eager", "aot_eager", "inductor")
+INNER_COMPILERS = NAMED_INNER  # the inner compilers CI tests; any Dynamo backend works (see inner_backend)
 
 
-def inner_backend(inner: str):
-    """The ``(gm, example_inputs) -> callable`` compiler for an inner-compiler name."""
-    if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return aot_eager
+def inner_backend(inner):
+    """The ``(gm, example_inputs) -> callable`` compiler for ``inner``: a callable as it is, ``"inductor"`` with the
+    workaround of :func:`tile2d_atomic_add_fix`, any other name through Dynamo's backend registry
+    (``torch._dynamo.list_backends(exclude_tags=())``: ``aot_eager``, ``cudagraphs``, a backend a library
+    registers)."""
+    if callable(inner):
+        return inner
     if inner == "inductor":
         return _inductor
-    raise ValueError(f"no compiler for inner={inner!r}; choose one of {INNER_COMPILERS}")
+    return torch._dynamo.lookup_backend(inner)
 
 
 def _inductor(gm: fx.GraphModule, example_inputs):
@@ -195,6 +198,9 @@ class CompileCache:
         if fn is not None:
             self.hits += 1
             return fn
+        if graph_log.isEnabledFor(logging.DEBUG):
+            graph_log.debug("dropbp: %s piece for %s:\n%s", "training" if training else "inference", self.inner,
+                            gm.print_readable(print_output=False))
         start = time.perf_counter()
         # a graph's fake tensors: a tracing context of its own (each piece keeps its own AOTAutograd metadata,
         # which its backward, compiled lazily, looks up), over the graph's fake mode and its shape environment

@@ -1,12 +1,13 @@
-"""The runtime op of :mod:`passes.instrument`: an identity that, while a calibration records,
-adds the squared norm of the gradient passing through it to a per-gate total."""
+"""What a calibration reads during one backward pass: per gate, the squared norm of the gradient that
+flows into the residual stream through the branch (``"in"``) and of the gradient the stream carries at
+the add (``"out"``). The gate applies :func:`record_grad` to its stream argument and its output while
+``controller.recording()`` is on; otherwise nothing of this runs."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 import torch
-from torch import nn
 
 
 class ProbeRecorder:
@@ -16,9 +17,8 @@ class ProbeRecorder:
         self.active = False
         self.sums: dict[tuple[int, str], float] = defaultdict(float)
 
-    def add(self, slot: int | None, side: str, grad: torch.Tensor) -> None:
-        if slot is not None:
-            self.sums[(slot, side)] += float(grad.detach().float().pow(2).sum())
+    def add(self, slot: int, side: str, grad: torch.Tensor) -> None:
+        self.sums[(slot, side)] += float(grad.detach().float().pow(2).sum())
 
     def reset(self) -> None:
         self.sums.clear()
@@ -26,32 +26,19 @@ class ProbeRecorder:
 
 class _Record(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ticket, side, recorder):
-        ctx.info = (ticket, side, recorder)
+    def forward(ctx, x, recorder, slot, side):
+        ctx.info = (recorder, slot, side)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        ticket, side, recorder = ctx.info
-        recorder.add(ticket[0], side, grad)
+        recorder, slot, side = ctx.info
+        recorder.add(slot, side, grad)
         return grad, None, None, None
 
 
-class Probe(nn.Module):
-    """Identity on a gate's stream input (``side="in"``) or branch output (``side="out"``)."""
-
-    def __init__(self, gate: nn.Module, side: str, recorder: ProbeRecorder) -> None:
-        super().__init__()
-        self.side = side
-        self.recorder = recorder
-        object.__setattr__(self, "gate", gate)  # a reference, not a submodule
-
-    def forward(self, x):
-        if not self.recorder.active or not torch.is_grad_enabled() or not x.requires_grad:
-            return x
-        if self.side == "in":  # the gate is called next: it fills in its slot (layer-frame gates vary)
-            ticket = [None]
-            self.gate.ticket = ticket
-        else:
-            ticket = [self.gate.last_slot]
-        return _Record.apply(x, ticket, self.side, self.recorder)
+def record_grad(x, recorder: ProbeRecorder, slot: int, side: str):
+    """``x``, with the squared norm of its gradient added to ``recorder`` at ``(slot, side)`` in backward."""
+    if not isinstance(x, torch.Tensor) or not x.requires_grad:
+        return x
+    return _Record.apply(x, recorder, slot, side)

@@ -59,8 +59,30 @@ def test_unknown_option_key_lists_the_valid_ones():
 
 
 def test_unknown_inner_compiler():
-    with pytest.raises(ValueError, match=r"inner must be one of \('eager', 'aot_eager', 'inductor'\), got 'tvm'"):
-        dropbp_fx.DropBP(inner="tvm")
+    with pytest.raises(ValueError, match=r"inner must be one of \('eager', 'aot_eager', 'inductor'\), another Dynamo "
+                                         r"backend name .* or a callable .*; got 'tvmm'"):
+        dropbp_fx.DropBP(inner="tvmm")
+    with pytest.raises(ValueError, match="inner cannot be 'dropbp' itself"):
+        dropbp_fx.DropBP(inner="dropbp")
+
+
+def test_inner_compiler_is_any_dynamo_backend_or_callable():
+    """Besides the three tested names: a Dynamo backend by name (``aot_eager_default_partitioner``), or a callable."""
+    calls = []
+
+    def my_compiler(gm, example_inputs):
+        calls.append(len(gm.graph.nodes))
+        return gm
+
+    for inner in ("aot_eager_default_partitioner", my_compiler):
+        torch._dynamo.reset()
+        model = Net()
+        dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner)
+        x = torch.randn(2, 8)
+        out = torch.compile(model, backend=dbp)(x)
+        assert torch.allclose(out, model(x)) and dbp.gate_names and dbp.compile_cache.compiles > 0
+    assert calls  # the callable compiled the pieces
+    torch._dynamo.reset()
 
 
 def test_mode_instead_of_options():

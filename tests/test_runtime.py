@@ -295,7 +295,7 @@ def test_all_gates_closed_keeps_one_open_when_nothing_else_trains():
     ({"drop_rate": -0.1}, r"drop_rate must be a number in \[0, 1\)"),
     ({"drop_rate": "half"}, r"drop_rate must be a number in \[0, 1\)"),
     ({"policy": "random"}, "policy must be one of"),
-    ({"inner": "tvm"}, "inner must be one of"),
+    ({"inner": "tvmm"}, "inner must be one of"),
     ({"seed": 1.5}, "seed must be an int"),
 ])
 def test_bad_options_raise_value_error_naming_valid_choices(options, message):
@@ -312,7 +312,7 @@ def test_graph_without_residual_branch_runs_unchanged_with_one_log_line(caplog):
     dbp = dropbp_fx.DropBP(inner="eager")
     with caplog.at_level(logging.INFO, logger="dropbp_fx"):
         out = torch.compile(model, backend=dbp)(torch.randn(3, 8))
-    lines = [r.getMessage() for r in caplog.records if r.name == "dropbp_fx"]
+    lines = [r.getMessage() for r in caplog.records if r.name.split(".")[0] == "dropbp_fx"]
     assert len(lines) == 1 and "no residual branch" in lines[0]
     assert dbp.gate_names == [] and out.shape == (3, 2)
 

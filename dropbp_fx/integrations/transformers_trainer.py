@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from dropbp_fx.backend import DropBP
-from dropbp_fx.calibrate import METHODS, calibrate
-from dropbp_fx.controller import check_rate
+from dropbp_fx.calibrate import calibrate
+from dropbp_fx.integrations.common import (DropStats, calibration_step, check_callback_options, compile_in_place,
+                                           loss_of)
 
-log = logging.getLogger("dropbp_fx")
+log = logging.getLogger(__name__)
 
 try:
     from transformers import TrainerCallback
@@ -55,21 +56,17 @@ class DropBPCallback(TrainerCallback, ExportableState):
     def __init__(self, drop_rate: float = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
                  seed: int = 0, policy: str = "topup", keep_one_open: bool | str = "auto",
                  inner: str = "inductor") -> None:
-        check_rate("DropBPCallback drop_rate", drop_rate)
-        if calibrate is not None and calibrate not in METHODS:
-            raise ValueError(f"DropBPCallback calibrate must be one of {METHODS} or None, got {calibrate!r}")
-        if not 0.0 <= calibrate_at < 1.0:
-            raise ValueError(f"DropBPCallback calibrate_at is a fraction of training in [0, 1), got {calibrate_at!r}")
-        self.options = dict(drop_rate=drop_rate, calibrate=calibrate, calibrate_at=calibrate_at, seed=seed,
-                            policy=policy, keep_one_open=keep_one_open, inner=inner)
-        self.dropbp = DropBP(drop_rate, seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner)
+        config = check_callback_options("DropBPCallback", drop_rate, calibrate, calibrate_at,
+                                        dict(seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner))
+        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, **config.as_dict())
+        self.dropbp = DropBP(**config.as_dict())
+        self.stats = DropStats(self.dropbp.controller)
         self.calibrated = False
         self.calibration = None  # the dropbp_fx.Calibration table, once calibrated
         self._resume_state: dict | None = None
         self._batch: dict | None = None
         self._hook = None
         self._model: nn.Module | None = None
-        self._last_counts: dict[str, tuple[int, int]] = {}
 
     # -------------------------------------------------------------- Trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -79,13 +76,10 @@ class DropBPCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("DropBPCallback: the Trainer passed no model to the callback")
         if self._model is not model:
-            if getattr(model, "_compiled_call_impl", None) is not None:
-                raise ValueError("DropBPCallback: the model is already compiled (model.compile(...)); pass the "
-                                 "uncompiled model to Trainer and let the callback compile it")
-            model.compile(backend=self.dropbp)
+            compile_in_place("DropBPCallback", model, self.dropbp)
             self._model = model
         self._restore(state)
-        self._calibration_step = int(self.options["calibrate_at"] * state.max_steps)
+        self._calibration_step = calibration_step(self.options["calibrate_at"], state.max_steps)
         log.info("dropbp: Trainer model compiled with the dropbp backend (drop_rate %s, calibrate %s at step %d)",
                  self.options["drop_rate"], self.options["calibrate"], self._calibration_step)
 
@@ -99,7 +93,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         self._hook.remove()
         self._hook = None
         batch, self._batch = self._batch, None
-        self.calibration = calibrate(self._model, lambda: _loss_of(self._model(**batch)),
+        self.calibration = calibrate(self._model, lambda: loss_of(self._model(**batch), "DropBPCallback"),
                                      target=self.options["drop_rate"], method=self.options["calibrate"])
         self.calibrated = True
         log.info("dropbp: calibrated at step %d (method %s):\n%s", state.global_step, self.options["calibrate"],
@@ -116,16 +110,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
     # -------------------------------------------------------------- figures
     def window_stats(self) -> dict[str, float]:
         """Drop fraction and share of branch backward FLOPs saved since the previous call."""
-        counts = {g.name: (g.drops, g.calls, g.flops[1] if g.flops else 0) for g in self.dropbp.controller.gates}
-        dropped = calls = flops_saved = flops_run = 0
-        for name, (drops, n, bwd) in counts.items():
-            d0, n0 = self._last_counts.get(name, (0, 0))
-            dropped, calls = dropped + drops - d0, calls + n - n0
-            flops_saved += (drops - d0) * bwd
-            flops_run += (n - n0) * bwd
-        self._last_counts = {name: (d, n) for name, (d, n, _) in counts.items()}
-        return {"dropbp_drop_fraction": round(dropped / calls, 4) if calls else 0.0,
-                "dropbp_bwd_flops_saved": round(flops_saved / flops_run, 4) if flops_run else 0.0}
+        return self.stats.window()
 
     # -------------------------------------------------------------- checkpoints (trainer_state.json)
     def state(self) -> dict:
@@ -162,12 +147,3 @@ class DropBPCallback(TrainerCallback, ExportableState):
                                  "(model(**inputs))")
             self._batch = dict(kwargs)
 
-
-def _loss_of(outputs) -> torch.Tensor:
-    """The loss of a transformers model output, as ``Trainer.compute_loss`` reads it."""
-    if isinstance(outputs, dict):
-        if "loss" not in outputs or outputs["loss"] is None:
-            raise ValueError("DropBPCallback calibration: the model returned no loss for the training batch; "
-                             "the batch needs labels (as Trainer's own loss does)")
-        return outputs["loss"]
-    return outputs[0]

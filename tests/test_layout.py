@@ -1,0 +1,161 @@
+"""The shape of the code and of the installed package: what issue 12 asked to stay true."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import dropbp_fx
+from dropbp_fx import discovery
+from dropbp_fx.config import options_table
+from dropbp_fx.pipeline import PIPELINE
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_passes_depend_on_nothing_in_the_runtime():
+    offending = {p.name: sorted(n for n in _imports(p) if n.split(".")[0] in ("dropbp_fx", "passes"))
+                 for p in (ROOT / "passes").glob("*.py")}
+    assert not any(offending.values()), offending  # relative imports inside, factories passed in
+
+
+def test_nothing_imports_the_repository_folder_as_a_top_level_package():
+    files = [*(ROOT / "dropbp_fx").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    offending = [str(p.relative_to(ROOT)) for p in files if any(n.split(".")[0] == "passes" for n in _imports(p))]
+    assert not offending, offending
+
+
+def test_a_fresh_interpreter_imports_the_passes_first():
+    code = "import sys, dropbp_fx.passes as p; assert 'passes' not in sys.modules; print(p.find_residual_branches)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "find_residual_branches" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_wheel_installs_nothing_at_top_level_but_the_project(tmp_path):
+    for name in ("dropbp_fx", "passes"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ".",
+                          "-w", str(tmp_path / "dist")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl")))
+    assert {n.split("/")[0] for n in wheel.namelist()} == {"dropbp_fx", "dropbp_fx-0.1.0.dist-info"}
+    assert "dropbp_fx/passes/residuals.py" in wheel.namelist()
+
+
+def test_modules_stay_small():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for p in [*(ROOT / "dropbp_fx").rglob("*.py"), *(ROOT / "passes").glob("*.py")]}
+    assert all(n <= 420 for n in sizes.values()), {k: v for k, v in sizes.items() if v > 420}
+
+
+def test_frame_walks_live_in_discovery_only():
+    files = [*(ROOT / "dropbp_fx").rglob("*.py"), *(ROOT / "passes").glob("*.py")]
+    walkers = sorted(str(p.relative_to(ROOT)) for p in files if "sys._getframe" in p.read_text())
+    assert walkers == ["dropbp_fx/discovery.py"], walkers
+
+
+def test_readme_option_table_is_the_config():
+    readme = (ROOT / "README.md").read_text()
+    assert options_table() in readme, "README's option table differs from dropbp_fx.config.options_table()"
+
+
+def test_pipeline_prints_one_line_per_pass():
+    lines = [str(p) for p in PIPELINE]
+    assert [line.split(":")[0] for line in lines][:3] == ["checkpoints", "dead code", "find"]
+    assert all(len(line.split(": ", 1)[1]) > 10 for line in lines)  # each with its one-line job
+
+
+class _Layer(nn.Module):
+    def __init__(self, breaks=False):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.breaks = breaks
+
+    def forward(self, x):
+        y = x + self.fc(x)
+        if self.breaks:  # Dynamo then compiles this layer's frame on its own
+            torch._dynamo.graph_break()
+        return y
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer(breaks=True) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.sum()
+
+
+def _function(x, w):
+    return (x + x @ w).sum()
+
+
+def test_frame_walks_find_what_they_look_for(monkeypatch):
+    """The three facts :mod:`dropbp_fx.discovery` reads from the call stack, on this torch: this fails loudly
+    when a torch release renames or restructures the frames (``OptimizedModule``, ``compile_wrapper``,
+    ``_TorchCompileWrapper``)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((discovery.compiled_module(example_inputs), discovery.compiled_function(),
+                     discovery.inside_ddp_optimizer()))
+        return gm
+
+    torch._dynamo.reset()
+    model = _Net()
+    torch.compile(model, backend=backend)(torch.randn(2, 8))
+    assert all(root is model and not in_ddp for (root, _), _, in_ddp in seen)
+    assert "layers.0" in {prefix for (_, prefix), _, _ in seen}  # the layer's own frame, named inside the model
+
+    seen.clear()
+    torch._dynamo.reset()
+    torch.compile(_function, backend=backend)(torch.randn(2, 8), torch.randn(8, 8))
+    assert seen and seen[0][1] is _function
+
+    calls = []
+    real = discovery.torch_compile_call
+    monkeypatch.setattr(discovery, "torch_compile_call", lambda: calls.append(real()) or calls[-1])
+    torch._dynamo.reset()
+    torch.compile(_Net(), backend="dropbp", options={"inner": "eager"})(torch.randn(2, 8))
+    assert calls and all(type(c).__name__ == "_TorchCompileWrapper" for c in calls)
+    assert len({id(c) for c in calls}) == 1  # one call, one state
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_dump_graphs_logs_each_rewritten_graph(inner, caplog):
+    import logging
+
+    torch._dynamo.reset()
+    with caplog.at_level(logging.DEBUG, logger="dropbp_fx.graphs"):
+        dbp = dropbp_fx.DropBP(inner=inner)
+        torch.compile(nn.Sequential(_Layer(), _Layer()), backend=dbp)(torch.randn(2, 8)).sum().backward()
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "dropbp_fx.graphs")
+    assert re.search(r"graph 0 after 'gate'", text) and "dropbp_gate_0" in text
+    if inner != "eager":
+        assert "piece for aot_eager" in text
+    torch._dynamo.reset()
