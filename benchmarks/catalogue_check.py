@@ -35,18 +35,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import dropbp_fx
-from benchmarks.shrink import VOCAB, shrink
+from dropbp_fx.models import MAPPINGS, SEQ, batch_fn, build, model_types  # noqa: F401 (re-exported)
 from tests.oracle import assert_same_grads, detached, grads
 
-MAPPINGS = {  # flag -> (transformers mapping, Auto class)
-    "causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
-    "masked-lm": ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
-    "seq2seq-lm": ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
-    "image-classification": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
-}
 STEPS = 4
 DROP_RATE = 0.5
-SEQ = 16
 # eager / aot_eager run the model's own ops; inductor fuses and reorders float ops (rounding ~1e-4 on these models)
 TOLERANCES = {"eager": (1e-4, 1e-5), "aot_eager": (1e-4, 1e-5), "inductor": (1e-4, 1e-4)}
 
@@ -92,63 +85,6 @@ def first_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------- building
-def model_types(mapping: str) -> list[str]:
-    from transformers.models.auto import modeling_auto
-
-    return sorted(getattr(modeling_auto, MAPPINGS[mapping][0]))
-
-
-def build(model_type: str, mapping: str):
-    """The shrunk model (fp32, train mode, seed 0) and the attention implementation it got."""
-    import transformers
-
-    from transformers.models.auto import modeling_auto
-
-    config = shrink(transformers.AutoConfig.for_model(model_type))
-    if mapping == "causal-lm":
-        config.is_decoder = True  # what a causal LM head is for (BERT-style and Reformer heads ask for it)
-    if mapping == "seq2seq-lm":  # shifting the labels right needs both
-        if getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = 0
-        if getattr(config, "decoder_start_token_id", None) is None:
-            config.decoder_start_token_id = config.pad_token_id
-    name = getattr(modeling_auto, MAPPINGS[mapping][0])[model_type]
-    cls = getattr(transformers, name[0] if isinstance(name, (tuple, list)) else name)
-    if not isinstance(config, cls.config_class):  # MusicgenForCausalLM takes the decoder part of MusicgenConfig
-        config = next((v for v in vars(config).values() if isinstance(v, cls.config_class)), config)
-    for attn in ("sdpa", "eager"):
-        torch.manual_seed(0)
-        try:
-            model = cls._from_config(config, attn_implementation=attn)
-            break
-        except (ValueError, NotImplementedError):  # no sdpa for this architecture: eager
-            if attn == "eager":
-                raise
-    return model.float().train(), attn
-
-
-def batch_fn(model: nn.Module, mapping: str):
-    config = model.config
-    if mapping == "image-classification":
-        vision = getattr(config, "vision_config", None) or config
-        channels = getattr(config, "num_channels", None) or getattr(vision, "num_channels", None) or 3
-        size = getattr(vision, "image_size", 32)
-        size = size[0] if isinstance(size, (list, tuple)) else size
-
-        def images(seed):
-            g = torch.Generator().manual_seed(seed)
-            return {"pixel_values": torch.randn(2, channels, size, size, generator=g),
-                    "labels": torch.randint(0, config.num_labels, (2,), generator=g)}
-        return images
-
-    def tokens(seed, length=SEQ):
-        return torch.randint(3, VOCAB - 16, (2, length), generator=torch.Generator().manual_seed(seed))
-
-    if mapping == "seq2seq-lm":
-        return lambda seed: {"input_ids": tokens(seed), "labels": tokens(seed + 100)}
-    return lambda seed: {"input_ids": tokens(seed), "labels": tokens(seed)}
-
-
 def loss_of(out) -> torch.Tensor:
     loss = getattr(out, "loss", None)
     if not isinstance(loss, torch.Tensor):

@@ -48,7 +48,16 @@ class DropBP:
 
     def __init__(self, drop_rate: float = 0.5, *, seed: int = 0, policy: str = "topup",
                  keep_one_open: bool | str = "auto", inner="inductor") -> None:
-        config = DropBPConfig(drop_rate, seed, policy, keep_one_open, inner)
+        self._setup(DropBPConfig(drop_rate, seed, policy, keep_one_open, inner))
+
+    @classmethod
+    def from_config(cls, config: DropBPConfig) -> DropBP:
+        """From options checked already (``DropBPConfig`` checks when made)."""
+        dbp = cls.__new__(cls)
+        dbp._setup(config)
+        return dbp
+
+    def _setup(self, config: DropBPConfig) -> None:
         self.inner = config.inner
         self.controller = DropController.from_config(config)  # owns the gates, rates, seed, policy and step
         self.graphs: list[GraphRecord] = []
@@ -204,7 +213,7 @@ def dropbp(gm: fx.GraphModule, example_inputs: list, options: dict | None = None
     entry = _STATES.get(id(call)) if call is not None else None
     backend = entry[1] if entry is not None and entry[0]() is call else None
     if backend is None:
-        backend = DropBP(**config.as_dict())
+        backend = DropBP.from_config(config)
         if call is not None:
             key = id(call)
             _STATES[key] = (weakref.ref(call, lambda _, key=key: _STATES.pop(key, None)), backend)

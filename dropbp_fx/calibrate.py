@@ -8,7 +8,7 @@ them. Sensitivity, as in the paper: with branch ``i`` alone dropped, on the same
     C_i = sum over parameter tensors of (||g_ref|| - ||g_drop_i||)^2.
 
 ``method="exact"`` computes that with N+1 backward passes. ``method="fast"`` estimates
-it from one backward pass, read through the probes of :mod:`passes.instrument`:
+it from one backward pass, read by the gates while ``controller.recording()`` is on (:mod:`dropbp_fx.probe`):
 
 * the branch's own parameters lose their whole gradient: ``sum ||g_p||^2`` over them;
 * every parameter below the branch loses the part of its gradient that came through
@@ -38,7 +38,17 @@ from dropbp_fx.distributed import ddp_of, model_of
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fast", "exact")
+@dataclass(frozen=True)
+class Method:
+    """A way to measure sensitivities: ``estimate(controller, model, params, reference_norms, grad_norms)``
+    after one reference backward pass (recorded by the gates when ``records``), in ``passes(gates)`` passes."""
+
+    estimate: Callable
+    records: bool
+    passes: Callable[[int], int]
+
+
+METHODS: dict[str, Method] = {}  # filled below the estimators; a new method is one entry
 
 
 @dataclass
@@ -96,7 +106,7 @@ def _model_of(compiled) -> nn.Module:
 def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dict[str, float], int]:
     """Gate name -> sensitivity, and the number of backward passes it took."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     dbp = get_dropbp(compiled)
     model = _model_of(compiled)
     loss_fn = _loss_fn(compiled, batch_or_closure)
@@ -117,24 +127,32 @@ def sensitivities(compiled, batch_or_closure, method: str = "fast") -> tuple[dic
 
     ddp = ddp_of(compiled)
     with same_randomness() as replay, (ddp.no_sync() if ddp is not None else contextlib.nullcontext()):
-        with controller.recording() if method == "fast" else contextlib.nullcontext():
+        with controller.recording() if METHODS[method].records else contextlib.nullcontext():
             reference = grad_norms(None)
         if not controller.gates:
             raise LookupError("calibrate: the model has no gates: the training step just run reached no residual "
                               "branch the backend could gate (see the DropBPWarning above, or "
                               "dropbp_fx.explain(model, *inputs) for every add and why it was not gated)")
-        names = [g.name for g in controller.gates]
-        if method == "exact":
-            result = {}
-            for slot, name in enumerate(names):
-                dropped = grad_norms(slot)
-                result[name] = sum((a - b) ** 2 for a, b in zip(reference, dropped))
-            return result, len(names) + 1
+        result = METHODS[method].estimate(controller, model, params, reference, grad_norms)
+    return result, METHODS[method].passes(len(controller.gates))
+
+
+def _exact(controller, model, params, reference, grad_norms) -> dict[str, float]:
+    """The paper's definition: each gate alone closed, one backward pass each."""
+    result = {}
+    for slot, gate in enumerate(controller.gates):
+        dropped = grad_norms(slot)
+        result[gate.name] = sum((a - b) ** 2 for a, b in zip(reference, dropped))
+    return result
+
+
+def _fast(controller, model, params, reference, grad_norms) -> dict[str, float]:
+    """From the reference pass alone, through the gradients the gates recorded."""
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
     tied = {name for name, p in params if seen[id(p)] > 1}
-    return _fast_estimate(controller, params, reference, tied), 1
+    return _fast_estimate(controller, params, reference, tied)
 
 
 def _fast_estimate(controller, params, reference, tied: set[str]) -> dict[str, float]:
@@ -243,3 +261,7 @@ class CalibrationSchedule:
             self.result = Calibration(CalibrationRow(*row) for row in saved["rows"])
             self.result.method, self.result.backward_passes = saved["method"], saved["backward_passes"]
             self.result.target = saved["target"]
+
+
+METHODS.update({"fast": Method(_fast, records=True, passes=lambda gates: 1),
+                "exact": Method(_exact, records=False, passes=lambda gates: gates + 1)})

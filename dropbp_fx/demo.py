@@ -233,15 +233,41 @@ def summarise(runs: list[Run], eval_t: dict, warmup: int) -> dict:
             "calibrated_at_step": run.calibrated_at,
             "losses": run.losses, "step_s": run.step_s, "clock_s": clock,
         }
+    target = out[runs[0].name]["final_train_loss"]  # the baseline's final loss: the quality to reach
+    for name, r in out.items():
+        r["target_loss"] = target
+        r["time_to_target_s"] = time_to_target(r["losses"], r["clock_s"], target)
+    base_time = out[runs[0].name]["time_to_target_s"]
+    for r in out.values():
+        r["time_to_target_speedup"] = (base_time / r["time_to_target_s"]
+                                       if base_time is not None and r["time_to_target_s"] else None)
     return out
 
 
+def smooth(xs: list[float], k: int = 10) -> list[float]:
+    """Mean of the last ``k`` values at each step (the final one is the table's final train loss)."""
+    return [statistics.fmean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+
+
+def time_to_target(losses: list[float], clock: list[float], target: float) -> float | None:
+    """Training time (after the warm-up) at which the loss, as a mean of the last 10 steps, first reaches
+    ``target``; None if it never does within the run."""
+    warm = len(losses) - len(clock)
+    smoothed = smooth(losses)[warm:]
+    return next((t for t, loss in zip(clock, smoothed) if loss <= target + 1e-12), None)
+
+
 def table(results: dict) -> str:
-    lines = [f"| run | median step (s) | speedup vs {next(iter(results))} | final train loss (mean of last 10) | "
-             "eval accuracy |", "| --- | --- | --- | --- | --- |"]
+    base = next(iter(results))
+    lines = [f"| run | median step (s) | speedup vs {base} | final train loss (mean of last 10) | "
+             f"time to {base}'s final loss | eval accuracy |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
+        reached = (f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None
+                   else f"not reached in {r['train_s']:.1f} s")
+        if r["time_to_target_speedup"] is not None and name != base:
+            reached += f" ({r['time_to_target_speedup']:.2f}x sooner)"
         lines.append(f"| {name} | {r['median_step_s']:.3f} | {r['speedup']:.2f}x | {r['final_train_loss']:.3f} | "
-                     f"{r['eval_acc']:.3f} |")
+                     f"{reached} | {r['eval_acc']:.3f} |")
     return "\n".join(lines)
 
 
@@ -250,9 +276,6 @@ def plot(results: dict, path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    def smooth(xs, k=10):
-        return [statistics.fmean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
 
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for (name, r), color in zip(results.items(), ("tab:blue", "tab:orange")):
@@ -263,8 +286,13 @@ def plot(results: dict, path: str, title: str) -> None:
         ax_t.plot(r["clock_s"], smoothed[warm:], color=color, lw=2, label=label)
         ax_s.plot(r["losses"], color=color, alpha=0.25, lw=0.8)
         ax_s.plot(smoothed, color=color, lw=2, label=name)
+        if r["time_to_target_s"] is not None:  # where the run first reaches the baseline's final loss
+            ax_t.plot([r["time_to_target_s"]], [r["target_loss"]], marker="o", ms=8, color=color, mec="black",
+                      zorder=5, label=f"{name}: reaches it at {r['time_to_target_s']:.0f} s")
         if r["calibrated_at_step"] is not None:
             ax_s.axvline(r["calibrated_at_step"], color=color, ls=":", lw=1.2, label=f"{name}: calibration")
+    target = next(iter(results.values()))["target_loss"]
+    ax_t.axhline(target, color="gray", ls="--", lw=1, label=f"{next(iter(results))}'s final loss ({target:.3f})")
     ax_t.set_xlabel("training time (s), after the warm-up (compile excluded)")
     ax_s.set_xlabel("step")
     ax_t.set_ylabel("train loss (faint: per step; bold: mean of last 10)")

@@ -1,7 +1,7 @@
 """Inner compilers for the pieces of a gated graph.
 
 The backend splits a gated graph into trunk segments and branches
-(:mod:`passes.segments`). Each piece compiles on its first call, from the real
+(:mod:`dropbp_fx.passes.segments`). Each piece compiles on its first call, from the real
 tensors it is called with, with the inner compiler:
 
 * a trunk segment: once, as a training graph;
@@ -33,6 +33,7 @@ from torch import nn
 
 from dropbp_fx.config import NAMED_INNER
 from dropbp_fx.passes.graph_view import structure_key
+from dropbp_fx.shapes import node_value
 
 log = logging.getLogger(__name__)
 graph_log = logging.getLogger("dropbp_fx.graphs")
@@ -245,7 +246,7 @@ class Compiled(nn.Module):
         self._fns: dict[tuple, object] = {}
         self._symbolic = None  # the artifact compiled from fake tensors with symbolic sizes
         self._no_grad_inputs: list[int] = []  # inputs it was compiled as not requiring grad
-        self._dynamic = any(is_symbolic(n.meta.get("example_value", n.meta.get("val"))) for n in gm.graph.nodes)
+        self._dynamic = any(is_symbolic(node_value(n)) for n in gm.graph.nodes)
         fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         scope = torch._guards.detect_fake_mode(fakes) if self._dynamic and None not in fakes else None
         if scope is not None and scope.shape_env is not None:

@@ -44,7 +44,8 @@ class Reports:
             return
         analysis, prefix = job.analysis, job.prefix
         adds = {b.add for b in analysis.branches + analysis.nested} | {b.partial_sum for b in analysis.branches}
-        cut = cut_branches(job.gm, adds - {None}, job.dbp.model())
+        inside = {n for b in analysis.branches + analysis.nested for n in b.nodes}
+        cut = cut_branches(job.gm, adds - {None}, job.dbp.model(), inside)
         if not cut:
             return
         cut = [f"{prefix}.{c}" if prefix and c else (c or prefix or "<root>") for c in cut]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from dropbp_fx.passes.graph_view import meta_value
+
 
 def node_value(node):
     """The traced value of ``node`` (a fake tensor, a SymInt, a tuple of them), or None. Dynamo's ``example_value``
     first: it keeps what ``.item()`` of a dynamic float returns; ``val`` is what ``FakeTensorProp`` writes."""
-    if not isinstance(node, fx.Node):
-        return node
-    return node.meta.get("example_value", node.meta.get("val"))
+    return meta_value(node) if isinstance(node, fx.Node) else node
 
 
 def placeholder_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, object]:

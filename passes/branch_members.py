@@ -1,7 +1,7 @@
 """Which nodes belong to a residual branch, beyond the data path from the stream to the branch output.
 
-:func:`passes.residuals.find_residual_branches` starts from the nodes between the stream and the branch
-output (:func:`passes.graph_view.between`) and asks each rule here what else the branch must hold (or
+:func:`dropbp_fx.passes.residuals.find_residual_branches` starts from the nodes between the stream and the branch
+output (:func:`dropbp_fx.passes.graph_view.between`) and asks each rule here what else the branch must hold (or
 give up) so that it can be outlined into one gate and compiled on its own: shapes it reads back, views and
 cache writes only the graph returns, whole ``no_grad``/vmap/autocast regions, parameter-only prologues;
 and, last, only nodes whose every reader is in the branch.
@@ -35,7 +35,7 @@ def metadata_used_inside(nodes: set[fx.Node], dfg) -> set[fx.Node]:
     """What the branch feeds and reads again through a shape (``scores / sqrt(q.size(-1))``, XLM's
     ``scores.masked_fill_(mask.expand_as(scores), ...)``): it belongs to the branch, or the branch would
     both feed it and read it. These are the FX nodes on a path from a branch node to a branch node (the
-    data-flow graph has no edge into a shape, so :func:`passes.graph_view.between` leaves them out)."""
+    data-flow graph has no edge into a shape, so :func:`dropbp_fx.passes.graph_view.between` leaves them out)."""
     def reach(step) -> set[fx.Node]:
         seen: set[fx.Node] = set()
         frontier = [m for n in nodes for m in step(n) if m not in nodes]

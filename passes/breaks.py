@@ -27,11 +27,18 @@ from torch import nn
 from . import graph_view as gv
 
 
-def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Module | None = None) -> list[str]:
+def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Module | None = None,
+                 inside: set[fx.Node] = frozenset()) -> list[str]:
     """Module paths of compute on a trainable weight whose result is a graph output by a path that avoids
-    every residual add in ``residual_adds`` (the adds of the branches found in ``gm``)."""
+    every residual add in ``residual_adds`` (the adds of the branches found in ``gm``), and whose residual
+    stream leaves the graph too (the add would be in the next graph).
+
+    Not cut: compute inside a branch found whole (``inside``: a KV cache it returns), and compute on a
+    stream the graph does not return (a head: ``lm_head(norm(h))`` before a break in the loss).
+    """
     root = gm if root is None else root
     output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = set(output.all_input_nodes)
     seen: set[fx.Node] = set()
     stack = list(output.all_input_nodes)
     cut: dict[str, None] = {}
@@ -41,10 +48,33 @@ def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Modul
             continue
         seen.add(node)
         if gv.is_compute(node, root) and _reads_trainable(node, root):
-            cut[gv.module_path(node)] = None
+            if node not in inside and _stream_leaves(node, residual_adds, returned, root):
+                cut[gv.module_path(node)] = None
             continue
         stack.extend(node.all_input_nodes)
     return list(cut)
+
+
+def _stream_leaves(compute: fx.Node, residual_adds: set[fx.Node], returned: set[fx.Node], root) -> bool:
+    """Does the residual stream ``compute`` reads (the residual adds and graph inputs behind it, through
+    non-compute nodes: norms, casts) reach the next graph? A graph input does (Dynamo hands the frame's
+    locals on); a residual add only if the graph returns it."""
+    seen: set[fx.Node] = set()
+    stack = list(compute.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen or gv.is_constant(node) or gv.is_shape_query(node):
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            return True
+        if node in residual_adds:
+            if node in returned or any(u in returned for u in node.users if gv.is_alias(u)):
+                return True
+            continue
+        if not gv.is_compute(node, root):
+            stack.extend(node.all_input_nodes)
+    return False
 
 
 def _reads_trainable(node: fx.Node, root: nn.Module) -> bool:

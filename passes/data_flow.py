@@ -1,5 +1,5 @@
 """The data-flow graph of an FX graph: a ``networkx`` graph with an edge where a node consumes another's *data*
-(not a shape, not a constant), and path queries on it. Re-exported by :mod:`passes.graph_view`."""
+(not a shape, not a constant), and path queries on it. Re-exported by :mod:`dropbp_fx.passes.graph_view`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Rewrite residual branches into gated drop-backward calls.
 
-Before (one branch found by :func:`passes.residuals.find_residual_branches`)::
+Before (one branch found by :func:`dropbp_fx.passes.residuals.find_residual_branches`)::
 
     %norm   = rms_norm(%x, %w_norm)
     %q      = linear(%norm, %w_q)
@@ -50,7 +50,7 @@ def _gate_one(gm: fx.GraphModule, branch: ResidualBranch, make_gate: GateFactory
     call = outline(gm, branch.nodes, lambda sub_gm: make_gate(sub_gm, branch), "dropbp_gate",
                    first=branch.output, class_name="ResidualBranch")
     call.meta["dropbp_gate"] = branch.name
-    if branch.stream is not None:  # which argument is the residual stream (for passes.instrument)
+    if branch.stream is not None:  # which argument is the residual stream (the gate probes it during calibration)
         call.meta["dropbp_stream_arg"] = call.args.index(branch.stream)
     if "nn_module_stack" in branch.add.meta:
         call.meta["nn_module_stack"] = dict(branch.add.meta["nn_module_stack"])

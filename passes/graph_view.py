@@ -194,7 +194,9 @@ _DYNAMO_CONSTANT = re.compile(r"_(parameters|buffers)_")
 
 
 def meta_value(node: fx.Node):
-    return node.meta.get("val", node.meta.get("example_value"))
+    """The traced value of ``node`` (a fake tensor, a SymInt, a tuple of them), or None: Dynamo's ``example_value``
+    first (it keeps what ``.item()`` of a dynamic float returns), else the ``val`` of ``FakeTensorProp``/export."""
+    return node.meta.get("example_value", node.meta.get("val"))
 
 
 def is_shape_query(node: fx.Node) -> bool:

@@ -16,7 +16,7 @@ Before (Dynamo dialect, one 4-bit projection)::
 This module only answers questions about such a node: is it one (:func:`is_kernel`), what is it called
 (:func:`kernel_name`), which ``GraphModule`` bodies does it carry (:func:`bodies`), and does one of
 them do parametric compute (:func:`body_computes`). Whether it reads a weight is data flow, asked by
-:func:`passes.graph_view.is_compute`. Nothing here changes a graph.
+:func:`dropbp_fx.passes.graph_view.is_compute`. Nothing here changes a graph.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def is_body(node: fx.Node, root: nn.Module | None) -> bool:
 def module_attrs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The ``get_attr`` inputs of ``node`` that name a submodule (a higher-order op's bodies).
 
-    :func:`passes.outline.outline` moves these into the piece that calls the op: a body passed to a
+    :func:`dropbp_fx.passes.outline.outline` moves these into the piece that calls the op: a body passed to a
     compiled piece as an argument is not a tensor, and AOTAutograd refuses it
     (``all flat_args must be KNOWN_TYPES``).
     """

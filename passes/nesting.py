@@ -3,7 +3,7 @@
 A residual branch can hold other residual branches: short convolutions ``k = k + conv(k)`` inside an
 attention branch, a module with a residual of its own at the end of a layer's branch. Gates do not nest
 (a gate's branch compiles as one piece), so one level of each nest is gated and the others train every
-step. :func:`passes.residuals.find_residual_branches` reports the innermost branches as ``branches`` and
+step. :func:`dropbp_fx.passes.residuals.find_residual_branches` reports the innermost branches as ``branches`` and
 the ones holding them as ``nested``; this pass chooses between them.
 
 Before (``find_residual_branches``; ``x + attn_sconv(attn(x))``, with ``k + conv(k)`` inside ``attn`` and

@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
+from . import graph_view as gv
 from . import kernels
 
 
@@ -112,7 +113,7 @@ def _with_scalar_sources(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.No
         """Collect the scalar nodes from a tensor to ``node``; False where the chain does not start at tensors."""
         if node in chain or node in members:
             return True
-        value = node.meta.get("example_value", node.meta.get("val"))
+        value = gv.meta_value(node)
         if isinstance(value, torch.Tensor) or node.op in ("placeholder", "get_attr"):
             return not isinstance(value, torch.SymFloat)  # a tensor, or an input (a SymFloat input stays one)
         if not isinstance(value, (torch.SymFloat, torch.SymInt, torch.SymBool, float, int, bool)):
@@ -125,7 +126,7 @@ def _with_scalar_sources(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.No
     copied: dict[fx.Node, fx.Node] = {}
     for node in nodes:
         for arg in node.all_input_nodes:
-            value = arg.meta.get("example_value", arg.meta.get("val"))
+            value = gv.meta_value(arg)
             if arg in members or arg in copied or not isinstance(value, torch.SymFloat):
                 continue
             chain: dict[fx.Node, None] = {}

@@ -34,7 +34,7 @@ position-embedding adds, ``arange + offset``, mask or position-bias adds to
 attention scores, operands linked only through a shared (tied) parameter, or a
 branch without parametric compute. A branch that contains another branch is
 nested: the innermost are ``branches``, the outer one is reported in ``nested``
-(:func:`passes.nesting.choose_nest_levels` then picks the level to gate).
+(:func:`dropbp_fx.passes.nesting.choose_nest_levels` then picks the level to gate).
 """
 
 from __future__ import annotations
@@ -139,11 +139,32 @@ def _classify_add(add: fx.Node, dfg: nx.DiGraph, stream_parent, writer, root) ->
     a, b = writer.get(a, a), writer.get(b, b)  # the value after an earlier in-place write (``y.add_(f)``)
     if a in dfg.graph["constants"] or b in dfg.graph["constants"]:
         raise _Reject("adds a parameter or buffer (bias)")
+    for shape in RESIDUAL_SHAPES:
+        branches = shape(add, a, b, dfg, stream_parent, root)
+        if branches is not None:
+            return branches
+    raise _Reject("no residual shape matches")
+
+
+def _identity_shape(add, a, b, dfg, stream_parent, root) -> list[ResidualBranch] | None:
+    """``x + f(x)``, pre-, post- or sandwich-norm, and parallel terms ``x + f(x) + g(x)``: one operand is the
+    stream (itself, an alias of it, or an earlier residual add on it)."""
     for skip, out in ((a, b), (b, a)):
         stream = _stream_root(dfg, stream_parent, skip, out)
         if stream is not None:
             return _identity_branches(add, skip, out, stream, dfg, stream_parent, root)
+    return None
+
+
+def _projection_shape(add, a, b, dfg, stream_parent, root) -> list[ResidualBranch] | None:
+    """``f(x) + proj(x)``: the heavier operand is the branch, a single projection stays the skip."""
     return [_projection_branch(add, a, b, dfg, stream_parent, root)]
+
+
+# The residual shapes, tried in order. A new shape is one function ``(add, a, b, dfg, stream_parent, root) ->
+# branches``, returning None when the add is not of its shape (``_Reject`` says why the add is no residual at all),
+# added here, and drawn by ``tests/random_nets.py``.
+RESIDUAL_SHAPES = (_identity_shape, _projection_shape)
 
 
 def _stream_root(dfg, stream_parent, skip: fx.Node, out: fx.Node) -> fx.Node | None:

@@ -4,7 +4,7 @@ A gate decides at run time whether its branch keeps a backward, so it cannot sit
 inside one static compiled graph. This pass outlines every run of trunk nodes
 between two gate calls into a submodule of its own.
 
-Before (after :func:`passes.gating.gate_residual_branches`)::
+Before (after :func:`dropbp_fx.passes.gating.gate_residual_branches`)::
 
     %emb   = embedding(%ids, %w_emb)
     %g0    = call_module[dropbp_gate_0](%emb, ...)
@@ -27,7 +27,7 @@ After (``split_trunk(gm, is_gate)``)::
 Within a run, values that only gates (and the graph output) read get segments of their own, one per
 set of readers (see :func:`_by_consumers`): when all their gates are closed, such a segment's backward
 never runs and its parameters keep ``grad=None``, as in eager. Values nobody reads
-are dropped first (:func:`passes.dead_code.remove_dead_code`). Runs that compute nothing but metadata (sizes, dtypes)
+are dropped first (:func:`dropbp_fx.passes.dead_code.remove_dead_code`). Runs that compute nothing but metadata (sizes, dtypes)
 stay inline.
 """
 
@@ -239,7 +239,7 @@ def _is_clone(node: fx.Node) -> bool:
 
 
 def _computes_tensor(node: fx.Node) -> bool:
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = gv.meta_value(node)
     if value is None:
         return node.op in ("call_function", "call_method", "call_module")
     return isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list))

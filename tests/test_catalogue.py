@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from benchmarks import catalogue  # noqa: E402
 from benchmarks.catalogue_check import check, model_types, oracle_target, record_calls  # noqa: E402
-from benchmarks.shrink import HIDDEN, LAYERS, VOCAB, classify, shrink  # noqa: E402
+from dropbp_fx.shrink import HIDDEN, LAYERS, VOCAB, classify, shrink  # noqa: E402
 
 INNER = "aot_eager"
 FIXED = ("llama", "mixtral", "bloom")

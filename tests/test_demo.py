@@ -57,6 +57,24 @@ def test_demo_drops_and_reports(tmp_path, model_args):
     assert saved["summary"].splitlines()[0].startswith("gate") and "dropped/calls" in saved["summary"]
     assert report["markdown"].startswith("| run | median step (s) | speedup vs eager |")
     assert saved["dataset"]["n_eval"] > 50 and saved["args"]["steps"] == 6
+    # time to the baseline's final loss: the baseline reaches its own by its last step at the latest
+    base, dropbp = saved["runs"]["eager"], saved["runs"]["dropbp+eager"]
+    assert base["target_loss"] == dropbp["target_loss"] == rows["eager"]["final_train_loss"]
+    assert 0 < base["time_to_target_s"] <= base["train_s"] and base["time_to_target_speedup"] == 1.0
+    if dropbp["time_to_target_s"] is None:
+        assert dropbp["time_to_target_speedup"] is None and "not reached" in report["markdown"]
+    else:
+        assert dropbp["time_to_target_speedup"] == pytest.approx(base["time_to_target_s"] / dropbp["time_to_target_s"])
+    assert "time to eager's final loss" in report["markdown"]
+
+
+def test_time_to_target_reads_the_smoothed_loss_on_the_clock():
+    losses = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0]  # one warm-up step, then five on the clock
+    clock = [1.0, 2.0, 3.0, 4.0, 5.0]
+    smoothed = demo.smooth(losses)  # running mean of up to 10
+    assert smoothed[-1] == pytest.approx(16 / 6)
+    assert demo.time_to_target(losses, clock, target=3.0) == 4.0  # mean of the first 5 steps = 3.0
+    assert demo.time_to_target(losses, clock, target=0.5) is None
 
 
 def test_demo_rate_zero_trains_like_the_baseline(tmp_path, model_args):

@@ -13,7 +13,7 @@ def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, optio
     """The options of a callback, checked (``ValueError`` naming ``owner`` and the valid values)."""
     check_rate(f"{owner} drop_rate", drop_rate)
     if calibrate is not None and calibrate not in METHODS:
-        raise ValueError(f"{owner} calibrate must be one of {METHODS} or None, got {calibrate!r}")
+        raise ValueError(f"{owner} calibrate must be one of {tuple(METHODS)} or None, got {calibrate!r}")
     if not 0.0 <= calibrate_at < 1.0:
         raise ValueError(f"{owner} calibrate_at is a fraction of training in [0, 1), got {calibrate_at!r}")
     return DropBPConfig(drop_rate=drop_rate, **options)

@@ -59,7 +59,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         config = check_callback_options("DropBPCallback", drop_rate, calibrate, calibrate_at,
                                         dict(seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner))
         self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, **config.as_dict())
-        self.dropbp = DropBP(**config.as_dict())
+        self.dropbp = DropBP.from_config(config)
         self.stats = DropStats(self.dropbp.controller)
         self.calibrated = False
         self.calibration = None  # the dropbp_fx.Calibration table, once calibrated
