@@ -194,6 +194,13 @@ class DropBP:
                      f"policy {self.controller.policy}, seed {self.controller.seed}, step {self.step}")
         return "\n".join(lines)
 
+    def plot(self, path: str, title: str | None = None) -> str:
+        """A PNG of the gates along the depth of the model: rate, realised drop fraction, share of backward
+        FLOPs (see :func:`dropbp_fx.plotting.plot_gates`); returns ``path``."""
+        from dropbp_fx.plotting import plot_gates
+
+        return plot_gates(self, path, title)
+
     def __repr__(self) -> str:
         return f"DropBP({self.config}, gates={len(self.controller.gates)}, step={self.step})"
 

@@ -378,10 +378,12 @@ def _main(args, start: float) -> dict:
     report["markdown"] = table(results)
     json_path, png_path = os.path.join(args.out, "demo.json"), os.path.join(args.out, "demo.png")
     plot(results, png_path, title)
+    gates_path = dbp.plot(os.path.join(args.out, "gates.png"), f"{model_name}: the gates of {drop_name} after "
+                          f"{dbp.step} steps (p={args.drop_rate:g}, {args.rates} rates)")
     report["wall_s"] = time.perf_counter() - start
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
-    log.info("wrote %s and %s (%.1f min in all)", json_path, png_path, report["wall_s"] / 60)
+    log.info("wrote %s, %s and %s (%.1f min in all)", json_path, png_path, gates_path, report["wall_s"] / 60)
     print(f"\n{table(results)}\n\nrealised drop (share of the branches' backward FLOPs skipped): "
           f"{report['realised_drop_flops_weighted']:.3f}\n\n{report['summary']}")
     return report

@@ -23,8 +23,9 @@ def model_args():
 def _run(tmp_path, *args):
     report = demo.main([*TINY, *args, "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "demo.json").read_text())
-    png = (tmp_path / "demo.png").read_bytes()
-    assert png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR" and len(png) > 10_000
+    for name in ("demo.png", "gates.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and png[12:16] == b"IHDR" and len(png) > 10_000, name
     return report, saved
 
 

@@ -91,3 +91,34 @@ def test_explain_accepts_a_compiled_model_and_rejects_other_things():
         dropbp_fx.explain(lambda x: x, torch.randn(2))
     with pytest.raises(ValueError, match="unknown option"):
         dropbp_fx.explain(net, torch.randn(4, 8), options={"droprate": 0.5})
+
+
+def test_gate_plot_grows_with_the_gates(tmp_path):
+    """``DropBP.plot``: one readable row per gate (the figure grows with the gate count), or a clear error."""
+    import struct
+
+    pytest.importorskip("matplotlib")
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return x + self.mlp(x)
+
+    heights = {}
+    for layers in (2, 32):
+        torch._dynamo.reset()
+        dbp = dropbp_fx.DropBP(0.5, inner="eager")
+        compiled = torch.compile(nn.Sequential(*(Layer() for _ in range(layers))), backend=dbp)
+        for _ in range(3):
+            compiled(torch.randn(4, 8)).sum().backward()
+        png = (tmp_path / f"{layers}.png")
+        assert dbp.plot(str(png)) == str(png)
+        heights[layers] = struct.unpack(">II", png.read_bytes()[16:24])[1]
+    assert len(dbp.gate_names) == 64 and heights[32] > 4 * heights[2]
+    with pytest.raises(ValueError, match="no gates yet"):
+        dropbp_fx.DropBP(inner="eager").plot(str(tmp_path / "none.png"))
+    torch._dynamo.reset()

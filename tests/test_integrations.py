@@ -84,6 +84,9 @@ def test_trainer_trains_with_dropbp_and_logs_its_fields(tmp_path):
     assert weighted == pytest.approx(0.5, abs=0.01)
     # the FLOPs saved per log line follow the mask: a line with drops saved a positive share
     assert all((f > 0) == (s > 0) for f, s in zip(fractions, saved))
+    # the picture of the gates, in the output directory
+    png = (tmp_path / "dropbp_gates.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
 def test_gradient_accumulation_draws_a_mask_per_micro_batch(tmp_path):

@@ -2,6 +2,7 @@
 
 * :class:`DropBPCallback` (:mod:`dropbp_fx.integrations.transformers_trainer`): transformers' ``Trainer``
   (and TRL's trainers built on it). Needs transformers.
+* :class:`DropBPLightningCallback` (:mod:`dropbp_fx.integrations.lightning`): PyTorch Lightning. Needs lightning.
 * :mod:`dropbp_fx.integrations.common`: what every integration shares, framework-neutral: compile the model
   in place, drop statistics since the last log line, the step at which to calibrate.
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-_LAZY = {"DropBPCallback": "dropbp_fx.integrations.transformers_trainer"}
+_LAZY = {"DropBPCallback": "dropbp_fx.integrations.transformers_trainer",
+         "DropBPLightningCallback": "dropbp_fx.integrations.lightning"}
 
 __all__ = sorted(_LAZY)
 

@@ -49,7 +49,10 @@ class DropStats:
 
 
 def loss_of(outputs, owner: str) -> torch.Tensor:
-    """The loss of a model output, as transformers' ``Trainer.compute_loss`` reads it (``.loss`` or the first)."""
+    """The loss of a model output or a ``training_step`` result: the tensor itself, ``["loss"]`` (transformers'
+    outputs, Lightning's dicts), or the first element of a tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
     if isinstance(outputs, dict):
         if "loss" not in outputs or outputs["loss"] is None:
             raise ValueError(f"{owner} calibration: the model returned no loss for the training batch; the batch "

@@ -25,6 +25,7 @@ Gradient accumulation works: every micro-batch forward draws its own mask. With
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -51,14 +52,16 @@ class DropBPCallback(TrainerCallback, ExportableState):
         calibrate: ``"fast"`` (one backward pass), ``"exact"`` (N+1) or ``None`` (uniform ``drop_rate``).
         calibrate_at: the fraction of ``max_steps`` after which the rates are calibrated.
         seed, policy, keep_one_open, inner: the :class:`~dropbp_fx.DropBP` options.
+        plot: at the end of training, write ``dropbp_gates.png`` (rates, realised drops, FLOPs shares per gate,
+            :meth:`dropbp_fx.DropBP.plot`) to the output directory (needs matplotlib).
     """
 
     def __init__(self, drop_rate: float = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
                  seed: int = 0, policy: str = "topup", keep_one_open: bool | str = "auto",
-                 inner: str = "inductor") -> None:
+                 inner: str = "inductor", plot: bool = True) -> None:
         config = check_callback_options("DropBPCallback", drop_rate, calibrate, calibrate_at,
                                         dict(seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner))
-        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, **config.as_dict())
+        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, plot=plot, **config.as_dict())
         self.dropbp = DropBP.from_config(config)
         self.stats = DropStats(self.dropbp.controller)
         self.calibrated = False
@@ -98,6 +101,19 @@ class DropBPCallback(TrainerCallback, ExportableState):
         self.calibrated = True
         log.info("dropbp: calibrated at step %d (method %s):\n%s", state.global_step, self.options["calibrate"],
                  self.calibration)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """The picture of the gates (rates, realised drops, FLOPs shares) into the output directory."""
+        if not (self.dropbp.controller.gates and state.is_world_process_zero and self.options["plot"]):
+            return
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            log.warning("dropbp: no dropbp_gates.png: the gate plot needs matplotlib (pip install matplotlib), "
+                        "or pass DropBPCallback(plot=False)")
+            return
+        path = self.dropbp.plot(os.path.join(args.output_dir, "dropbp_gates.png"))
+        log.info("dropbp: gates plotted to %s", path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:  # training log lines only, not eval/summary lines
