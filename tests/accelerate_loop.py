@@ -16,31 +16,13 @@ from torch import nn
 
 import dropbp_fx
 
-D = 16
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from tests/
+from tests.small_nets import Regressor, regression_data  # noqa: E402
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(D)
-        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(3))
-        self.head = nn.Linear(D, 1)
-
+class Net(Regressor):
     def forward(self, x, y):
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h)
-        return nn.functional.mse_loss(self.head(h).squeeze(-1), y)
+        return nn.functional.mse_loss(super().forward(x), y)
 
 
 def main(out: str, order: str) -> None:
@@ -49,10 +31,7 @@ def main(out: str, order: str) -> None:
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(0)
     model = Net()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 4, generator=g)
-    data = torch.utils.data.TensorDataset(x, torch.sin(x).sum(-1))
-    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False)
+    loader = torch.utils.data.DataLoader(regression_data(), batch_size=16, shuffle=False)
     options = {"inner": "eager", "seed": 3, "drop_rate": 0.5}
     if order == "before":
         model = torch.compile(model, backend="dropbp", options=options)

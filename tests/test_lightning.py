@@ -13,38 +13,14 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from dropbp_fx.integrations.lightning import DropBPLightningCallback  # noqa: E402
 
-D = 16
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(D)
-        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, D)
-        self.blocks = nn.ModuleList(Block() for _ in range(3))
-        self.head = nn.Linear(D, 1)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(h).squeeze(-1)
+from tests.small_nets import Regressor, regression_data  # noqa: E402
 
 
 class Regression(pl.LightningModule):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.model = Net()
+        self.model = Regressor()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -57,10 +33,7 @@ class Regression(pl.LightningModule):
 
 
 def _data(n=192):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=g)
-    y = torch.sin(x).sum(-1)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=False)
+    return torch.utils.data.DataLoader(regression_data(n), batch_size=16, shuffle=False)
 
 
 class Masks(pl.Callback):
