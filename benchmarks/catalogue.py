@@ -1,5 +1,5 @@
 """The catalogue: every model type of transformers' auto mappings, built from its default config shrunk by
-one generic rule (:mod:`benchmarks.shrink`), trained 4 steps through ``torch.compile(backend="dropbp")`` and
+one generic rule (:mod:`dropbp_fx.shrink`), trained 4 steps through ``torch.compile(backend="dropbp")`` and
 checked against the hook oracle each step (:mod:`benchmarks.catalogue_check`).
 
     python -m benchmarks.catalogue                          # the causal-LM mapping, default inner compiler
@@ -218,7 +218,7 @@ def render(data: dict) -> str:
               f"`{meta.get('commit', '?')}` (each record carries its own date). Last sweep: "
               f"`{meta.get('command', '?')}` ({meta.get('last_sweep_models', '?')} models in "
               f"{meta.get('last_sweep_seconds', 0) / 60:.0f} min on {os.cpu_count()} CPU cores).", "",
-              "Each type: `AutoConfig.for_model(type)` shrunk by one generic rule (`benchmarks/shrink.py`: 2 layers, "
+              "Each type: `AutoConfig.for_model(type)` shrunk by one generic rule (`dropbp_fx/shrink.py`: 2 layers, "
               "hidden 64, 4 heads, vocabulary 256, dropout 0, ...), fp32, train mode, seed 0; "
               f"`torch.compile(model, backend=\"dropbp\", options={{\"drop_rate\": 0.5, ...}})`, 4 SGD steps; each "
               "step the forward must equal the eager model's and the gradients the hook oracle's (`tests/oracle.py`: "

@@ -1,5 +1,5 @@
 """The per-model check of the catalogue (``benchmarks/catalogue.py``): build one model type from its default
-config shrunk by :mod:`benchmarks.shrink`, train it 4 steps through ``torch.compile(backend="dropbp")`` and
+config shrunk by :mod:`dropbp_fx.shrink`, train it 4 steps through ``torch.compile(backend="dropbp")`` and
 compare every step with the independent hook oracle of ``tests/oracle.py``.
 
 The oracle needs, for every gate, the module whose output is exactly the branch value (the oracle detaches
