@@ -14,6 +14,7 @@ graph after every pass that changed it, and every piece the inner compiler recei
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -64,6 +65,11 @@ class GraphJob:
     @property
     def model(self) -> nn.Module:
         return self.dbp.model() or self.gm
+
+    @functools.cached_property
+    def parameter_names(self) -> dict[int, str]:
+        """``id(parameter)`` -> name in :attr:`model`, read once per graph (gating and anchoring both need it)."""
+        return naming.parameter_names(self.model)
 
     def gate_calls(self) -> list[tuple[fx.Node, DropGate]]:
         return [(n, self.gm.get_submodule(n.target)) for n in self.gm.graph.nodes if is_gate_call(self.gm, n)]
@@ -143,7 +149,7 @@ def gate_branches(job: GraphJob) -> bool:
     from dropbp_fx.passes.gating import gate_residual_branches
 
     shapes.propagate_shapes(job.gm, job.example_inputs)
-    names, values = naming.parameter_names(job.model), shapes.placeholder_values(job.gm, job.example_inputs)
+    names, values = job.parameter_names, shapes.placeholder_values(job.gm, job.example_inputs)
     controller = job.dbp.controller
 
     def make_gate(sub_gm, branch):
@@ -179,8 +185,7 @@ def watch_graph(job: GraphJob) -> None:
 def anchor_layer_gates(job: GraphJob) -> None:
     """In a graph traced for one layer's frame, let each gate name itself after the layer it runs for."""
     if job.prefix:
-        naming.anchor_gates(job.gm, job.gate_calls(), job.example_inputs, naming.parameter_names(job.model),
-                            job.prefix, job.model)
+        naming.anchor_gates(job.gm, job.gate_calls(), job.example_inputs, job.parameter_names, job.prefix, job.model)
 
 
 PIPELINE: tuple[Pass, ...] = (
