@@ -244,6 +244,11 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
     # a union whose members meet through functional ops (Bloom's attention: qkv -> ... -> dense): the value
     # of the last member to run, when every other member had finished before it started
     if all(c.post < ran[-1].pre for c in ran[:-1]):
+        # ... and when that member holds the residual add itself (MobileBERT's ``{bottleneck,attention}``: the
+        # attention adds its projected skip and norms the sum), the sum with its gradient to the skip alone
+        own = _own_residual(ran[-1], calls, leaves)
+        if own is not None:
+            return own, ""
         chain, why = _chain(ran[-1], calls, with_params, leaves)
         return (None, f"gate {gate!r}: {why}") if why else (chain[-1].path, "")
     return None, f"gate {gate!r}: {members[-1]!r} is neither on the module chain {' -> '.join(on_chain)} nor after it"
@@ -295,16 +300,18 @@ class OwnResidual:
 def _own_residual(call: Call, calls: list[Call], leaves: set[str]) -> OwnResidual | None:
     """The :class:`OwnResidual` of a module call, from the recorded ops alone: its output was made by an add
     of one of its tensor inputs and another value of the same shape, or is the output of a leaf module inside
-    it (run once per forward) whose only input is such an add. None otherwise."""
+    it (run once per forward, maybe returned through the submodule holding it) whose only input is such an
+    add. None otherwise."""
     if call.out is None:
         return None
     returned = [c for c in calls if c.path.startswith(call.path + ".") and call.pre < c.pre and c.post < call.post
                 and c.out is call.out]
+    leaf = [c for c in returned if c.path in leaves]  # the norm, maybe inside a wrapper (MobileBERT's ``output``)
     if not returned:
         made, norm = call.out_made_by, ""
-    elif len(returned) == 1 and returned[0].path in leaves and len(returned[0].inputs) == 1 \
-            and sum(c.path == returned[0].path for c in calls) == 1:
-        made, norm = returned[0].made_by[0], returned[0].path
+    elif len(leaf) == 1 and all(leaf[0].path.startswith(c.path + ".") for c in returned if c is not leaf[0]) \
+            and len(leaf[0].inputs) == 1 and sum(c.path == leaf[0].path for c in calls) == 1:
+        made, norm = leaf[0].made_by[0], leaf[0].path
     else:
         return None
     if made is None or made[0] not in ADDS or len(made[1]) != 2 or not made[2]:

@@ -7,7 +7,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .graph_view import (_reads_data, is_constant, is_shape_query, meta_value, mutates_first_arg,
+from .graph_view import (_reads_data, carries_grad, is_constant, is_shape_query, meta_value, mutates_first_arg,
                          reads_only_metadata, view_bases)
 
 
@@ -123,3 +123,18 @@ def reaches_avoiding(g: nx.DiGraph, source: fx.Node, sink: fx.Node, avoid: set[f
         seen.add(node)
         stack.extend(g.successors(node))
     return False
+
+
+def differentiable_ancestors(g: nx.DiGraph, node: fx.Node) -> set[fx.Node]:
+    """The nodes a gradient of ``node`` can reach: its ancestors along data paths of values that carry one
+    (:func:`~dropbp_fx.passes.graph_view.carries_grad`). An attention mask made from the token ids by
+    ``ids != pad`` shares the ids with the scores, but no gradient: it is not on their stream."""
+    seen: set[fx.Node] = set()
+    stack = [p for p in g.predecessors(node) if carries_grad(p)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(p for p in g.predecessors(n) if carries_grad(p))
+    return seen

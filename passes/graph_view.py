@@ -199,6 +199,25 @@ def meta_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+_COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "argmax",
+                "argmin", "long", "int", "bool"}
+_COMPARISON_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
+
+
+def carries_grad(node: fx.Node) -> bool:
+    """Can a gradient flow through ``node``'s value: a floating-point (or complex) tensor, a tuple holding one.
+    Integer and boolean tensors (token ids, ``ids != pad``, a comparison) cannot. With no traced value
+    (``symbolic_trace``), what the op is: a comparison, ``argmax``, ``.long()`` cannot; anything else may."""
+    value = meta_value(node)
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors:
+        return any(t.is_floating_point() or t.is_complex() for t in tensors)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return value is not None or not (node.target in _COMPARISON_FUNCTIONS or
+                                     (node.op in ("call_method", "call_function") and name in _COMPARISONS))
+
+
 def is_shape_query(node: fx.Node) -> bool:
     """A node whose value is metadata of a tensor (size, dtype, ...), not data derived from it."""
     if node.op == "call_method" and node.target in _SHAPE_METHODS:
@@ -313,4 +332,5 @@ def compute_depth(nodes: Iterable[fx.Node], root: nn.Module | None) -> int:
     return max(depth.values(), default=0)
 
 
-from .data_flow import between, constant_nodes, data_flow_graph, metadata_nodes, reaches, reaches_avoiding  # noqa: E402,F401
+from .data_flow import (between, constant_nodes, data_flow_graph, differentiable_ancestors, metadata_nodes,  # noqa: E402,F401
+                        reaches, reaches_avoiding)

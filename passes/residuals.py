@@ -123,7 +123,7 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None)
         by_add[node] = branches
 
     found = [b for branches in by_add.values() for b in branches]
-    _name_branches(found)
+    _name_branches(found, root)
     adds = {b.add for b in found}
     for branch in found:
         members = set(branch.nodes)
@@ -279,9 +279,12 @@ def _path(dfg, stream: fx.Node, term: fx.Node, root) -> tuple[int, int, list[fx.
 
 def _projection_branch(add, a, b, dfg, stream_parent, root) -> ResidualBranch:
     """``f(x) + proj(x)``: gate ``f`` when it is deeper and heavier than a single projection."""
-    common = (nx.ancestors(dfg, a) | {a}) & (nx.ancestors(dfg, b) | {b})
+    # the stream both operands carry gradient to: an additive mask made from the token ids (``ids != pad``:
+    # T5Gemma's encoder) shares the ids with the scores, not a stream
+    common = (gv.differentiable_ancestors(dfg, a) | {a}) & (gv.differentiable_ancestors(dfg, b) | {b})
     if not common:
-        raise _Reject("operands share no data (position embeddings, masks, tied weights): not a residual stream")
+        raise _Reject("operands share no data a gradient flows through (position embeddings, masks from the "
+                      "token ids, tied weights): not a residual stream")
     stream = max(common, key=lambda n: dfg.nodes[n]["index"])
     paths = {term: _path(dfg, stream, term, root) for term in (a, b)}
     heavy, light = sorted((a, b), key=lambda t: paths[t][0], reverse=True)
@@ -341,14 +344,22 @@ def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:
     When that module also holds the residual add (BERT's ``layer.0`` holds the FFN and
     its add), the branch is only part of it: name the parts, ``bert.encoder.layer.0.{intermediate,output}``.
     """
-    paths = [gv.module_path(n) for n in compute]
-    name = gv.common_module_path(paths)
+    return _name_within(gv.common_module_path(gv.module_path(n) for n in compute),
+                        [gv.module_path(n) for n in compute], add, single_part_braced=False)
+
+
+def _name_within(name: str, paths: list[str], add: fx.Node, *, single_part_braced: bool) -> str:
+    """``name`` itself, or, when the module at ``name`` also holds ``add`` (so that ``name`` would read as the
+    whole module, skip included), ``name.{a,b}``: the submodules of it that ``paths`` run in.
+    ``single_part_braced``: one such submodule ``a`` is named ``name.{a}`` (kept apart from a branch named
+    ``name.a`` inside it), not ``name``."""
     add_path = gv.module_path(add)
-    if not name or add_path == name or add_path.startswith(name + "."):  # a root-level branch: ``{b,c}``
-        depth = len(name.split(".")) if name else 0
-        parts = list(dict.fromkeys(p.split(".")[depth] for p in paths if len(p.split(".")) > depth))
-        if len(parts) > 1:
-            name = f"{name}.{{{','.join(parts)}}}" if name else f"{{{','.join(parts)}}}"
+    if name and add_path != name and not add_path.startswith(name + "."):
+        return name
+    depth = len(name.split(".")) if name else 0
+    parts = list(dict.fromkeys(p.split(".")[depth] for p in paths if len(p.split(".")) > depth))
+    if len(parts) > 1 or (parts and single_part_braced):
+        return f"{name}.{{{','.join(parts)}}}" if name else f"{{{','.join(parts)}}}"
     return name
 
 
@@ -356,17 +367,22 @@ def _topo(nodes, dfg) -> list[fx.Node]:
     return sorted(nodes, key=lambda n: dfg.nodes[n]["index"])
 
 
-def _name_branches(branches: list[ResidualBranch]) -> None:
+def _name_branches(branches: list[ResidualBranch], root: nn.Module) -> None:
     """Name each branch by its module path; repeats (a shared layer applied twice) get ``#1``, ``#2``.
 
     A branch holding another branch of the same name (its only parametric compute is the inner branch's:
-    ``x + relu(h + f(h))``) is named by the module path shared by all its nodes (``b0``, not ``b0.inner#1``).
+    ``x + relu(h + f(h))``) is named by the module path shared by all its nodes (``b0``, not ``b0.inner#1``), or by its parts when that
+    module also holds the outer add.
     """
     for outer in branches:
         members = set(outer.nodes)
         if any(b is not outer and b.name == outer.name and b.add in members for b in branches):
             paths = [p for p in (gv.module_path(n) for n in outer.nodes if n.op != "get_attr") if p]
-            outer.name = gv.common_module_path(paths) or outer.name
+            shared = gv.common_module_path(paths)
+            # a module holding the add too is named by the parts that compute (SwiftFormer's ``blocks.0.{attn}``:
+            # the attention, with the inner ``attn`` branch, and the layer scale of ``blocks.0``, which adds it)
+            computing = [gv.module_path(n) for n in outer.nodes if gv.is_compute(n, root)]
+            outer.name = _name_within(shared, computing, outer.add, single_part_braced=True) if shared else outer.name
     seen: dict[str, int] = {}
     for branch in branches:
         base = branch.name or f"branch_{branch.add.name}"

@@ -115,7 +115,8 @@ class BranchSpec:
     unread: bool = False  # mlp: ``tanh(h) * h`` computed and never read (RWKV's state update after the last token)
     rope: bool = False  # attn: ``q * cos + rot(q) * sin`` with cos/sin buffers
     mask: str = "none"  # attn: none | input | buffer | bias (an nn.Parameter position bias) | fill (XLM's
-    #   ``scores.masked_fill_(m.expand_as(scores), v)``: a value shaped by the branch and read by it)
+    #   ``scores.masked_fill_(m.expand_as(scores), v)``: a value shaped by the branch and read by it) | ids
+    #   (``where(ids != 0, 0, -1e4)``, ``ids`` integers computed from the stream: linked to it, no gradient)
     sdpa: bool = False  # attn: F.scaled_dot_product_attention instead of matmul/softmax/matmul
     cache: bool = False  # attn: also return (k, v), which the network returns (a KV cache: side outputs)
     kv_build: bool = False  # attn: k split in two and written into slices of ``k.new_empty`` (DeepSeek's MLA)
@@ -495,7 +496,10 @@ class Branch(nn.Module):
             q = q * self.cos + rotate_half(q) * self.sin
             k = k * self.cos + rotate_half(k) * self.sin
         bias = {"none": None, "input": mask, "buffer": getattr(self, "mask_buf", None),
-                "bias": getattr(self, "pos_bias", None), "fill": None}[spec.mask]
+                "bias": getattr(self, "pos_bias", None), "fill": None, "ids": None}[spec.mask]
+        if spec.mask == "ids":  # T5Gemma: a padding mask made from integer "token ids" that also made the stream
+            ids = (x[..., 0] > 0).long()
+            bias = torch.where(ids[:, None, :] != 0, 0.0, -1e4).to(x.dtype)
         if spec.sdpa:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
@@ -737,7 +741,7 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested", "ke
     if not spec.flat:
         spec = replace(spec, layer_scale=draw(st.booleans()), bias_as=draw(st.booleans()))
     if body == "attn":
-        spec = replace(spec, rope=draw(st.booleans()), mask=draw(st.sampled_from(["none", "input", "buffer", "bias", "fill"])),
+        spec = replace(spec, rope=draw(st.booleans()), mask=draw(st.sampled_from(["none", "input", "buffer", "bias", "fill", "ids"])),
                        sdpa=draw(st.booleans()), cache=nest_depth == 0 and draw(st.booleans()),
                        kv_build=draw(st.booleans()))
     if body == "nested":

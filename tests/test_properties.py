@@ -363,6 +363,7 @@ EXAMPLES = {
                                          rn.BlockSpec("projection", (B("mlp", bias_as=True),), d_out=12))),
     # XLM: ``scores.masked_fill_(mask.expand_as(scores), v)``, a value shaped by the branch and read by it
     "mask_shaped_by_branch": rn.NetSpec((seq(B("attn", mask="fill"), B("mlp")),)),
+    "mask_from_integer_ids": rn.NetSpec((seq(B("attn", mask="ids"), B("mlp")), seq(B("attn", mask="ids", sdpa=True)))),
     "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
     "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
 }

@@ -122,6 +122,56 @@ def test_forward_identical_and_gradients_match_oracle_for_every_mask():
         torch.testing.assert_close(got_x, xb.grad, rtol=0, atol=0)
 
 
+class ScaledAttn(nn.Module):
+    """SwiftFormer's additive attention, reduced: an inner residual ``h + proj(tanh(h @ w))`` between two
+    projections; its compute sits in this module (``w``) and one child (``proj``), so it is named ``attn``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.proj, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):
+        h = self.q(x)
+        h = h + self.proj(torch.tanh(h @ self.w))
+        return self.out(h)
+
+
+class ScaledBlock(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(d), ScaledAttn(d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * self.attn(self.norm(x))
+
+
+def test_outer_branch_sharing_its_module_with_the_add_is_named_by_its_parts_and_matches_the_oracle():
+    """Regression (SwiftFormer): the outer branch of a nest (the attention and the block's layer scale) took the
+    inner branch's name ``attn`` and was renamed after the module all its nodes share, ``blocks.0``, which holds
+    the residual add too: a name that reads as the whole block, skip included. It is ``blocks.0.{attn}``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(ScaledBlock() for _ in range(2))).double()
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager")
+    gm = dbp.transform(torch.fx.symbolic_trace(model))
+    assert dbp.gate_names == ["0.{attn}", "1.{attn}"]  # the outer level: 2x the inner's backward FLOPs
+    x = torch.randn(3, 5, 8, dtype=torch.double)
+    for bits in range(4):
+        closed = [n for i, n in enumerate(dbp.gate_names) if bits >> i & 1]
+        _closed(dbp, closed)
+        model.zero_grad(set_to_none=True)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (gm(xa) ** 2).sum().backward()
+        got = grads(model)
+        model.zero_grad(set_to_none=True)
+        with detached(model, [n.replace("{attn}", "attn") for n in closed], through_constants=True):
+            (model(xb) ** 2).sum().backward()
+        assert_same_grads(got, grads(model), rtol=0, atol=0)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+        assert (got["0.gamma"] is None) == ("0.{attn}" in closed)
+
+
 # --------------------------------------------------------------------------- mask statistics
 def _run_steps(controller, n_gates, steps):
     slots = [controller.register(f"g{i}") for i in range(n_gates)]
