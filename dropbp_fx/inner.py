@@ -181,6 +181,18 @@ def in_mode(mode, value):
     return converted
 
 
+def _static_fakes(args):
+    """A fake mode with a shape environment, and ``args``' tensors as its fake tensors of static sizes: what
+    Dynamo hands a backend. Without a shape environment AOTAutograd makes a mode that cannot trace an op whose
+    output size depends on data (T5Gemma2's ``embeds[ids == eoi] = e``: ``index_put`` with a boolean mask,
+    whose backward runs ``nonzero``: ``DynamicOutputShapeException``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
+    return mode, [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+
+
 class CompileCache:
     """Compiled pieces of one :class:`~dropbp_fx.DropBP`, shared by all of its graphs."""
 
@@ -205,9 +217,9 @@ class CompileCache:
         start = time.perf_counter()
         # a graph's fake tensors: a tracing context of its own (each piece keeps its own AOTAutograd metadata,
         # which its backward, compiled lazily, looks up), over the graph's fake mode and its shape environment
-        tracing = (contextlib.nullcontext() if scope is None
-                   else torch._guards.tracing(torch._guards.TracingContext(scope)))
-        with torch.set_grad_enabled(training), tracing:
+        if scope is None:  # real tensors: fake ones of static sizes, over a shape environment of their own
+            scope, args = _static_fakes(args)
+        with torch.set_grad_enabled(training), torch._guards.tracing(torch._guards.TracingContext(scope)):
             fn = inner_backend(self.inner)(gm, list(args))
         self.seconds += time.perf_counter() - start
         self._fns[key] = fn

@@ -106,17 +106,25 @@ def _with_scalar_sources(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.No
     Inductor cannot compile (its C++ kernel names the symbol without declaring it); the same ``.item()``
     inside the piece is the graph Inductor compiles without DropBP. The chain from the tensor (``item``,
     then scalar arithmetic) is copied, and the original stays for its other readers.
+
+    So is a 0-d integer tensor made from numbers alone (Longformer's chunk count,
+    ``torch.div(seq_len, 2 * window, rounding_mode="trunc")``, passed to ``view``): as an input, AOTAutograd
+    makes it a fake tensor whose value is unknown, and the ``view`` then fails with
+    ``DataDependentOutputException``; computed inside, its value is the constant it is.
     """
     members = set(nodes)
 
     def scalar_chain(node: fx.Node, chain: dict) -> bool:
-        """Collect the scalar nodes from a tensor to ``node``; False where the chain does not start at tensors."""
+        """Collect the nodes from tensors to ``node`` (scalars, 0-d tensors of numbers); False where the chain
+        does not start at tensors."""
         if node in chain or node in members:
             return True
         value = gv.meta_value(node)
-        if isinstance(value, torch.Tensor) or node.op in ("placeholder", "get_attr"):
-            return not isinstance(value, torch.SymFloat)  # a tensor, or an input (a SymFloat input stays one)
-        if not isinstance(value, (torch.SymFloat, torch.SymInt, torch.SymBool, float, int, bool)):
+        if node.op in ("placeholder", "get_attr"):
+            return not isinstance(value, torch.SymFloat)  # an input (a SymFloat input stays one)
+        if isinstance(value, torch.Tensor) and not _scalar_tensor_of_numbers(node, value):
+            return True  # a tensor: the chain starts here, it stays an input
+        if not isinstance(value, (torch.Tensor, torch.SymFloat, torch.SymInt, torch.SymBool, float, int, bool)):
             return False
         if not all(scalar_chain(a, chain) for a in node.all_input_nodes):
             return False
@@ -127,7 +135,8 @@ def _with_scalar_sources(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.No
     for node in nodes:
         for arg in node.all_input_nodes:
             value = gv.meta_value(arg)
-            if arg in members or arg in copied or not isinstance(value, torch.SymFloat):
+            if arg in members or arg in copied or not (isinstance(value, torch.SymFloat)
+                                                       or _scalar_tensor_of_numbers(arg, value)):
                 continue
             chain: dict[fx.Node, None] = {}
             if not scalar_chain(arg, chain):
@@ -145,6 +154,19 @@ def _with_scalar_sources(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[fx.No
         for old, new in copied.items():
             node.replace_input_with(old, new)
     return list(copied.values()) + list(nodes)
+
+
+_RANDOM = ("rand", "bernoulli", "normal", "multinomial", "dropout", "uniform", "poisson", "exponential")
+
+
+def _scalar_tensor_of_numbers(node: fx.Node, value) -> bool:
+    """A 0-d integer or boolean tensor computed by a deterministic op from Python numbers and symbols alone
+    (``torch.div(16, 8)``, ``torch.tensor(n)``): the same value wherever it is computed."""
+    if not (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()
+            and not value.is_complex() and node.op == "call_function"):
+        return False
+    name = getattr(node.target, "__name__", str(node.target))
+    return not any(word in name for word in _RANDOM)
 
 
 def free_attr(gm: fx.GraphModule, prefix: str) -> str:

@@ -113,6 +113,7 @@ class BranchSpec:
     bias_as: bool = False  # ``f(x) + b.expand_as(x)``: a bias shaped by the stream (GPT-NeoX-Japanese; branch module)
     relu_half: bool = False  # decoy ``h + relu(h) * 0.5`` inside an mlp
     unread: bool = False  # mlp: ``tanh(h) * h`` computed and never read (RWKV's state update after the last token)
+    shape_tensor: bool = False  # mlp: ``h.view(..., torch.div(n, 2), 2)``: a size given as a 0-d tensor (Longformer)
     rope: bool = False  # attn: ``q * cos + rot(q) * sin`` with cos/sin buffers
     mask: str = "none"  # attn: none | input | buffer | bias (an nn.Parameter position bias) | fill (XLM's
     #   ``scores.masked_fill_(m.expand_as(scores), v)``: a value shaped by the branch and read by it) | ids
@@ -458,6 +459,8 @@ class Branch(nn.Module):
                 h = h + torch.relu(h) * 0.5
             if spec.unread:
                 torch.tanh(h) * h  # noqa: B018 - dead code, kept by Dynamo and symbolic_trace alike
+            if spec.shape_tensor:  # a tensor made from numbers alone, computed in the trunk, read by the branch
+                h = h.view(h.shape[0], h.shape[1], torch.div(h.shape[2], 2, rounding_mode="trunc"), 2).flatten(-2)
             y = self.fc2(h)
         elif spec.body == "func":
             h = torch.tanh(x @ self.w1.T + self.b1)
@@ -736,6 +739,7 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested", "ke
         add=draw(st.sampled_from(ADDS)),
         skip_first=draw(st.booleans()),
         relu_half=body == "mlp" and draw(st.booleans()),
+        shape_tensor=body == "mlp" and draw(st.booleans()),
         kernel=draw(st.sampled_from(KERNELS)) if body == "kernel" else "fn",
     )
     if not spec.flat:

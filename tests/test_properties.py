@@ -493,6 +493,16 @@ def test_writes_into_fresh_returned_buffers_stay_in_the_branch(inner):
                                                           keep_one_open=True, inner=inner))
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_sizes_given_as_number_tensors_are_computed_inside_the_piece(inner):
+    """Regression (Longformer, LED): ``h.view(b, torch.div(n, 2 * w, rounding_mode="trunc"), ...)``. The 0-d
+    tensor is made from numbers in the trunk; handed to the branch's piece as an input, AOTAutograd made it a
+    fake tensor of unknown value and the ``view`` failed (``DataDependentOutputException``)."""
+    spec = rn.NetSpec((seq(B("mlp", shape_tensor=True), B("mlp", shape_tensor=True, style="post")),))
+    check_compiled(spec, dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", seed=3, keep_one_open=True,
+                                          inner=inner), mask_spec=ALTERNATE)
+
+
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 def test_values_shaped_by_the_branch_stay_in_it(inner):
     """Regression (XLM): ``scores.masked_fill_(mask.expand_as(scores), v)``. The expanded mask reads only the
