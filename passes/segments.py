@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.tools_common import stable_topological_sort
+from torch.utils._pytree import tree_flatten
 
 from . import graph_view as gv
 from .dead_code import remove_dead_code
@@ -125,8 +126,10 @@ def _returns_self(node: fx.Node) -> bool:
 def _gate_consumers(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool]) -> dict[fx.Node, frozenset | None]:
     """Node -> the gate calls and graph output it feeds (directly or through trunk nodes); None for metadata-only.
 
-    The output counts as a consumer like a gate: a KV-cache tensor that goes to a closed gate and to the
-    output gets no gradient unless the caller's loss reads the output. A stateful region between two gates
+    Each position of the output counts as a consumer like a gate: a KV-cache tensor that goes to a closed gate
+    and to the output gets no gradient unless the caller's loss reads it, and it is not grouped with the
+    stream, which goes to the same gate and to another position (SwitchTransformers' cross-attention keys,
+    computed in the decoder layer and returned in its cache: grouped with the stream, they got zeros). A stateful region between two gates
     (see :func:`_regions`) counts as one node: its calls and every node inside feed what the region feeds.
     """
     def gate_or_part(node):
@@ -134,14 +137,20 @@ def _gate_consumers(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool]) -> d
                                  and is_gate(node.args[0]))
 
     unit = {n: region for region in _regions(gm.graph.nodes, gate_or_part) for n in region}
+    returned: dict[fx.Node, set[tuple[str, int]]] = {}  # node -> the output positions that return it
+    for i, value in enumerate(tree_flatten(gm.graph.output_node().args)[0]):
+        if isinstance(value, fx.Node):
+            returned.setdefault(value, set()).add(("output", i))
     feeds: dict[fx.Node, frozenset | None] = {}
     for node in reversed(gm.graph.nodes):
         if node in feeds:
             continue
         members = unit.get(node, (node,))  # a region is met at its last call: its readers outside come after it
-        reached: set[fx.Node] | None = set()
+        reached: set | None = set()
         for user in (u for m in members for u in m.users if u not in members):
-            if is_gate(user) or user.op == "output":
+            if user.op == "output":  # each returned value a consumer of its own: the stream is not the KV cache
+                reached |= {pos for m in members for pos in returned.get(m, ())}
+            elif is_gate(user):
                 reached.add(user)
             elif feeds.get(user) is not None:
                 reached |= feeds[user]

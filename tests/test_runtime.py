@@ -172,6 +172,58 @@ def test_outer_branch_sharing_its_module_with_the_add_is_named_by_its_parts_and_
         assert (got["0.gamma"] is None) == ("0.{attn}" in closed)
 
 
+class CrossAttn(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, k, v):
+        return self.o(torch.softmax(self.q(x) @ k.transpose(-2, -1), -1) @ v)
+
+
+class CrossDecoder(nn.Module):
+    """A self-attention-free decoder: an MLP block, then a cross-attention block whose keys and values are
+    projected from the encoder output outside the branch and returned as its cache (SwitchTransformers)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.cross = CrossAttn(d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, enc):
+        h = x + self.mlp(self.norm(x))
+        k, v = self.cross.k(enc), self.cross.v(enc)
+        return h + self.cross(h, k, v), k, v
+
+
+def test_cache_values_beside_the_stream_get_no_gradient_when_their_gate_is_closed():
+    """Regression (SwitchTransformers): the keys and values a cross-attention reads go to its gate and to the
+    graph output (the cache), like the stream before it (to the gate and, through the add, to the output).
+    Grouped by "gate + output" with the stream in one trunk segment, they got zero gradients, not none, when
+    the gate was closed; each output position is now a consumer of its own."""
+    torch.manual_seed(0)
+    model = CrossDecoder().double()
+    x, enc = torch.randn(2, 5, 8, dtype=torch.double), torch.randn(2, 5, 8, dtype=torch.double)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="aot_eager")
+    compiled = torch.compile(model, backend=dbp)
+    compiled(x, enc)
+    assert dbp.gate_names == ["mlp", "cross"]
+    for closed in ([], ["cross"], ["mlp"], ["mlp", "cross"]):
+        _closed(dbp, closed)
+        model.zero_grad(set_to_none=True)
+        xa = x.clone().requires_grad_()
+        (compiled(xa, enc)[0] ** 2).sum().backward()
+        got = grads(model)
+        model.zero_grad(set_to_none=True)
+        xb = x.clone().requires_grad_()
+        with detached(model, closed):
+            (model(xb, enc)[0] ** 2).sum().backward()
+        assert_same_grads(got, grads(model))
+        assert (got["cross.k.weight"] is None) == ("cross" in closed)
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- mask statistics
 def _run_steps(controller, n_gates, steps):
     slots = [controller.register(f"g{i}") for i in range(n_gates)]
