@@ -244,10 +244,14 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
     # a union whose members meet through functional ops (Bloom's attention: qkv -> ... -> dense): the value
     # of the last member to run, when every other member had finished before it started
     if all(c.post < ran[-1].pre for c in ran[:-1]):
-        # ... and when that member holds the residual add itself (MobileBERT's ``{bottleneck,attention}``: the
-        # attention adds its projected skip and norms the sum), the sum with its gradient to the skip alone
+        # ... and when that member holds the gate's residual add itself (MobileBERT's ``{bottleneck,attention}``:
+        # the attention adds its projected skip to what the bottleneck's queries computed, and norms the sum),
+        # the sum with its gradient to the skip alone. Not when the earlier members reach it only as that skip:
+        # its add is then inside the branch (Inkling's ``{self_attn,attn_sconv}``: ``(h + conv(h)) / s`` of
+        # the attention's output ``h``), and the whole value is the branch.
         own = _own_residual(ran[-1], calls, leaves)
-        if own is not None:
+        if own is not None and any(any(t is c.out for c in ran[:-1])
+                                   for j, (t, _) in enumerate(ran[-1].inputs) if j != own.skip):
             return own, ""
         chain, why = _chain(ran[-1], calls, with_params, leaves)
         return (None, f"gate {gate!r}: {why}") if why else (chain[-1].path, "")
