@@ -33,8 +33,9 @@ def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Modul
     every residual add in ``residual_adds`` (the adds of the branches found in ``gm``), and whose residual
     stream leaves the graph too (the add would be in the next graph).
 
-    Not cut: compute inside a branch found whole (``inside``: a KV cache it returns), and compute on a
-    stream the graph does not return (a head: ``lm_head(norm(h))`` before a break in the loss).
+    Not cut: compute inside a branch found whole (``inside``: a KV cache it returns) or feeding one (a
+    cross-attention's keys of the encoder output, also returned as its cache: SwitchTransformers), and compute
+    on a stream the graph does not return (a head: ``lm_head(norm(h))`` before a break in the loss).
     """
     root = gm if root is None else root
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -48,11 +49,29 @@ def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Modul
             continue
         seen.add(node)
         if gv.is_compute(node, root) and _reads_trainable(node, root):
-            if node not in inside and _stream_leaves(node, residual_adds, returned, root):
+            if node not in inside and not _feeds(node, inside, root) \
+                    and _stream_leaves(node, residual_adds, returned, root):
                 cut[gv.module_path(node)] = None
             continue
         stack.extend(node.all_input_nodes)
     return list(cut)
+
+
+def _feeds(compute: fx.Node, inside: set[fx.Node], root) -> bool:
+    """Does ``compute``'s result reach a node of a branch found whole through non-compute nodes (views,
+    transposes, a cache's ``cat``)?"""
+    seen: set[fx.Node] = set()
+    stack = list(compute.users)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in inside:
+            return True
+        if node.op != "output" and not gv.is_compute(node, root):
+            stack.extend(node.users)
+    return False
 
 
 def _stream_leaves(compute: fx.Node, residual_adds: set[fx.Node], returned: set[fx.Node], root) -> bool:

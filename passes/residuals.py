@@ -357,7 +357,7 @@ def _name_within(name: str, paths: list[str], add: fx.Node, *, single_part_brace
     if name and add_path != name and not add_path.startswith(name + "."):
         return name
     depth = len(name.split(".")) if name else 0
-    parts = list(dict.fromkeys(p.split(".")[depth] for p in paths if len(p.split(".")) > depth))
+    parts = list(dict.fromkeys(p.split(".")[depth] for p in paths if p and len(p.split(".")) > depth))
     if len(parts) > 1 or (parts and single_part_braced):
         return f"{name}.{{{','.join(parts)}}}" if name else f"{{{','.join(parts)}}}"
     return name

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import random
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -264,6 +266,33 @@ def test_branch_cut_by_a_graph_break_is_named_with_the_op_and_the_fix():
     # named like BERT's FFN: the add and the branch's layers are in one module
     assert [g.name for g in report.gates] == ["blocks.0.{fc1,fc2}", "blocks.1.{fc1,fc2}"] and not report.cut, report
     assert all(g.flops_share > 0.4 for g in report.gates), report  # fc1 and fc2 counted, the .item() too
+    torch._dynamo.reset()
+
+
+class CrossThenBreak(nn.Module):
+    """A cross-attention block whose keys and values, projected from the encoder output outside the branch, go
+    to the branch and out as the cache; then a graph break (SwitchTransformers' router after it)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, enc):
+        k, v = self.k(enc), self.v(enc)
+        x = x + self.o(torch.softmax(self.q(x) @ k.transpose(-2, -1), -1) @ v)
+        torch._dynamo.graph_break()
+        return x * 2, k, v
+
+
+def test_keys_feeding_a_whole_branch_and_the_cache_are_no_cut_branch():
+    """Regression (SwitchTransformers): ``k(enc)`` leaves the graph as the cache by a path that avoids every
+    residual add, but its branch is whole and gated in this graph: no "ends inside a residual branch"."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = dropbp_fx.explain(CrossThenBreak(), torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    assert [g.name for g in report.gates] == ["{q,o}"] and not report.cut, report
+    assert not [w for w in caught if "ends inside" in str(w.message)]
     torch._dynamo.reset()
 
 
