@@ -344,8 +344,8 @@ def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:
     When that module also holds the residual add (BERT's ``layer.0`` holds the FFN and
     its add), the branch is only part of it: name the parts, ``bert.encoder.layer.0.{intermediate,output}``.
     """
-    return _name_within(gv.common_module_path(gv.module_path(n) for n in compute),
-                        [gv.module_path(n) for n in compute], add, single_part_braced=False)
+    paths = [gv.module_path(n) for n in compute]
+    return _name_within(gv.common_module_path(paths), paths, add, single_part_braced=False)
 
 
 def _name_within(name: str, paths: list[str], add: fx.Node, *, single_part_braced: bool) -> str:
@@ -371,8 +371,8 @@ def _name_branches(branches: list[ResidualBranch], root: nn.Module) -> None:
     """Name each branch by its module path; repeats (a shared layer applied twice) get ``#1``, ``#2``.
 
     A branch holding another branch of the same name (its only parametric compute is the inner branch's:
-    ``x + relu(h + f(h))``) is named by the module path shared by all its nodes (``b0``, not ``b0.inner#1``), or by its parts when that
-    module also holds the outer add.
+    ``x + relu(h + f(h))``) is named by the module path shared by all its nodes (``b0``, not ``b0.inner#1``),
+    or by its computing parts when that module also holds the outer add.
     """
     for outer in branches:
         members = set(outer.nodes)

@@ -129,8 +129,9 @@ def _gate_consumers(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool]) -> d
     Each position of the output counts as a consumer like a gate: a KV-cache tensor that goes to a closed gate
     and to the output gets no gradient unless the caller's loss reads it, and it is not grouped with the
     stream, which goes to the same gate and to another position (SwitchTransformers' cross-attention keys,
-    computed in the decoder layer and returned in its cache: grouped with the stream, they got zeros). A stateful region between two gates
-    (see :func:`_regions`) counts as one node: its calls and every node inside feed what the region feeds.
+    computed in the decoder layer and returned in its cache: grouped with the stream, they got zeros). A
+    stateful region between two gates (see :func:`_regions`) counts as one node: its calls and every node
+    inside feed what the region feeds.
     """
     def gate_or_part(node):
         return is_gate(node) or (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
