@@ -193,6 +193,16 @@ def _static_fakes(args):
     return mode, [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
 
 
+def _no_view_replay():
+    """AOTAutograd regenerates an output that is a view of another (a compressor's ``kv`` and
+    ``kv[:, :16].view(...)``, both returned by one trunk segment) by replaying the recorded views; under
+    Inductor the replayed sizes came out as garbage (``invalid shape dimension -1839543646254204612``,
+    DeepSeek-V4, torch 2.13, some runs only; torch's own comment says view replay is not compatible with its
+    AOTAutograd cache). ``as_strided`` regeneration, torch's other documented path, is exact. The flag is read
+    when a piece is compiled, so this holds for our pieces only."""
+    return torch._functorch.config.patch(view_replay_for_aliased_outputs=False)
+
+
 class CompileCache:
     """Compiled pieces of one :class:`~dropbp_fx.DropBP`, shared by all of its graphs."""
 
@@ -219,7 +229,8 @@ class CompileCache:
         # which its backward, compiled lazily, looks up), over the graph's fake mode and its shape environment
         if scope is None:  # real tensors: fake ones of static sizes, over a shape environment of their own
             scope, args = _static_fakes(args)
-        with torch.set_grad_enabled(training), torch._guards.tracing(torch._guards.TracingContext(scope)):
+        with torch.set_grad_enabled(training), torch._guards.tracing(torch._guards.TracingContext(scope)), \
+                _no_view_replay():
             fn = inner_backend(self.inner)(gm, list(args))
         self.seconds += time.perf_counter() - start
         self._fns[key] = fn

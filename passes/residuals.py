@@ -49,6 +49,7 @@ from torch import nn
 
 from . import branch_members as members
 from . import graph_view as gv
+from . import views
 
 
 @dataclass
@@ -257,7 +258,16 @@ def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tupl
     where, at_add = gv.module_path(product), gv.module_path(reader)
     if where != at_add and (not at_add or where.startswith(at_add + ".")):  # a submodule scales its own output
         return out, reader
-    return heavy, product
+    reader = product
+    while _is_broadcast_view(heavy) and len(heavy.users) == 1:
+        heavy, reader = heavy.args[0], heavy  # ``f(x).unsqueeze(-2)`` spread over the streams: the product's view
+    return heavy, reader
+
+
+def _is_broadcast_view(node: fx.Node) -> bool:
+    """A view that only reshapes its input for a product (``unsqueeze``, ``view``, ``expand``)."""
+    return node.op in ("call_method", "call_function") and node.target is not operator.getitem \
+        and bool(node.args) and isinstance(node.args[0], fx.Node) and bool(views.view_bases(node))
 
 
 _MULS = {operator.mul, torch.mul, torch.Tensor.mul}
@@ -293,7 +303,10 @@ def _projection_branch(add, a, b, dfg, stream_parent, root) -> ResidualBranch:
     if paths[heavy][1] < 2 or paths[light][1] > 1 or paths[heavy][0] == paths[light][0]:
         raise _Reject("two computed operands of one stream, but not a deep branch beside a single projection "
                       "(a LoRA or split projection, not a residual)")
-    return _make_branch(add, light, heavy, add, stream, "projection", dfg, stream_parent, root)
+    # a hyper-connection's ``post(H) * f(pre(H) . H) + comb(H)^T @ H``: the skip is a light mix of the streams,
+    # and the branch is scaled by a factor computed beside it, which stays in the trunk as for an identity skip
+    out, reader = _unscaled(heavy, add, stream, dfg, root)
+    return _make_branch(add, light, out, reader, stream, "projection", dfg, stream_parent, root)
 
 
 def _make_branch(add, skip, out, reader, stream, kind, dfg, stream_parent, root, residual_add=None) -> ResidualBranch:

@@ -19,7 +19,8 @@ network is put together, using the naming rule of the analysis:
 
 Shapes of branches: pre-norm ``x + f(norm(x))``, post-norm ``norm(x + f(x))``,
 sandwich ``x + norm(f(norm(x)))``, parallel ``x + f(ln(x)) + g(ln(x))`` (three
-associations), projection ``f(x) + proj(x)``, nesting (``f`` holds ``h + g(h)``), every add
+associations), projection ``f(x) + proj(x)``, nesting (``f`` holds ``h + g(h)``), hyper-connections
+(``post(H) * f(pre(H) . H) + comb(H)^T @ H``, :class:`HyperBlock`), every add
 spelling (``+``, ``+=``, ``torch.add(alpha=)``, ``Tensor.add``, a skip through a view / copy /
 cast), attention branches that also return their k and v (side outputs). Decoy adds that must not be detected: RoPE, ``var + eps``, bias
 adds, position embeddings, ``arange + offset``, attention mask / position-bias adds,
@@ -645,7 +646,40 @@ class ProjectionBlock(nn.Module):
         return self.f.truth(f"{path}.f", "projection")
 
 
-BLOCKS = {"seq": SeqBlock, "parallel": ParallelBlock, "projection": ProjectionBlock}
+class HyperBlock(nn.Module):
+    """A hyper-connection (DeepSeek-V4's mHC, reduced): the stream is spread over ``n`` copies ``H``, mixed
+    weights ``pre, post, comb`` come from one projection of ``H``, and the block adds
+    ``post * f(norm(pre . H)) + comb^T @ H`` before summing the copies again. The gate closes ``f`` and the
+    ``pre`` mixing that feeds only ``f``; ``post`` and ``comb`` (computed beside ``f``, applied by the code
+    that adds it) keep their gradient: what the oracle gets by detaching ``f``'s output."""
+
+    N = 2
+
+    def __init__(self, spec: BlockSpec, d: int) -> None:
+        super().__init__()
+        self.spec = spec
+        n = self.N
+        self.fn = nn.Parameter(torch.randn((2 + n) * n, n * d) / math.sqrt(n * d))
+        self.base = nn.Parameter(torch.randn((2 + n) * n) * 0.1)
+        self.f = Branch(spec.branches[0], d, d, norm_in=True, norm_out=False)
+
+    def forward(self, x, mask, cache):
+        n = self.N
+        H = x.unsqueeze(2).expand(-1, -1, n, -1)
+        flat = H.reshape(BATCH, T, -1)  # fixed sizes and slices: symbolic_trace cannot unpack a split
+        w = F.linear(flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + 1e-6), self.fn)
+        pre = torch.sigmoid(w[..., :n] + self.base[:n])
+        post = 2 * torch.sigmoid(w[..., n:2 * n] + self.base[n:2 * n])
+        comb = torch.softmax(w[..., 2 * n:].view(BATCH, T, n, n) + self.base[2 * n:].view(n, n), dim=-1)
+        out = self.f((pre.unsqueeze(-1) * H).sum(dim=2), mask)
+        H = post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), H)
+        return H.sum(dim=2)
+
+    def truth(self, path: str) -> Truth:
+        return self.f.truth(f"{path}.f", "projection")
+
+
+BLOCKS = {"seq": SeqBlock, "parallel": ParallelBlock, "projection": ProjectionBlock, "hyper": HyperBlock}
 
 
 class Net(nn.Module):
@@ -758,7 +792,7 @@ def branch_specs(draw, *, bodies=("single", "mlp", "func", "attn", "nested", "ke
 
 @st.composite
 def block_specs(draw) -> BlockSpec:
-    kind = draw(st.sampled_from(["seq", "seq", "parallel", "projection"]))
+    kind = draw(st.sampled_from(["seq", "seq", "parallel", "projection", "hyper"]))
     after = draw(st.sampled_from(["none", "none", "relu_half"]))
     if kind == "seq":
         branches = tuple(draw(st.lists(branch_specs(), min_size=1, max_size=2)))
@@ -773,6 +807,10 @@ def block_specs(draw) -> BlockSpec:
         f, g = draw(terms), draw(terms)
         return BlockSpec("parallel", (f, g), assoc=draw(st.sampled_from(["left", "right", "sum_first"])),
                          shared_ln=draw(st.booleans()), sum_add=draw(st.sampled_from(SUM_ADDS)), after=after)
+    if kind == "hyper":  # f at least two layers deep: heavier than the one projection giving pre/post/comb
+        f = draw(branch_specs(bodies=("mlp", "func", "attn", "kernel"), styles=("pre",), flat_ok=False))
+        return BlockSpec("hyper", (replace(f, hidden=max(f.hidden, 8), norm_in_block=False, cache=False),),
+                         after=after)
     # projection: f = mlp or nested (>= 2 Linear layers, heavier than proj), proj = one Linear.
     # style "pre": f starts with its own norm; "post": it does not (the block may end in a norm: post_norm).
     bodies = ("mlp", "nested", "func", "kernel")

@@ -417,3 +417,41 @@ def test_inductor_workaround_is_scoped_to_dropbp_compiles(monkeypatch):
     assert set(during) == {inner._has_tile2d_bug(cpp)}
     assert cpp.CppTile2DKernel.store is original
     torch._dynamo.reset()
+
+
+def test_aliased_outputs_are_regenerated_without_view_replay_in_our_pieces_only():
+    """A piece returning a value and a view of it (DeepSeek-V4's compressor: ``kv`` and ``kv[:, :16].view(...)``)
+    is compiled with AOTAutograd's view replay off (replayed sizes came out as garbage under Inductor); the
+    user's own compiles keep torch's setting, and the aliased outputs are still exact."""
+    import torch._functorch.config as functorch_config
+
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(functorch_config.view_replay_for_aliased_outputs)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    class Compressor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kv, self.mlp = nn.Linear(16, 16), nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+        def forward(self, x):
+            kv = self.kv(x)
+            x = x + self.mlp(kv)
+            return x, kv, kv[:4].view(2, 2, -1)
+
+    before = functorch_config.view_replay_for_aliased_outputs
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = Compressor()
+    x = torch.randn(8, 16)
+    out = torch.compile(net, backend=dropbp_fx.DropBP(drop_rate=0.5, inner=inner))(x)
+    ref = Compressor()
+    ref.load_state_dict(net.state_dict())
+    for got, want in zip(out, ref(x)):
+        torch.testing.assert_close(got, want)
+    assert out[2]._base is not None  # still a view
+    assert seen and not any(seen)
+    assert functorch_config.view_replay_for_aliased_outputs == before
+    torch._dynamo.reset()

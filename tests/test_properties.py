@@ -364,6 +364,9 @@ EXAMPLES = {
     # XLM: ``scores.masked_fill_(mask.expand_as(scores), v)``, a value shaped by the branch and read by it
     "mask_shaped_by_branch": rn.NetSpec((seq(B("attn", mask="fill"), B("mlp")),)),
     "mask_from_integer_ids": rn.NetSpec((seq(B("attn", mask="ids"), B("mlp")), seq(B("attn", mask="ids", sdpa=True)))),
+    # DeepSeek-V4's hyper-connections: ``post * f(pre . H) + comb^T @ H``, the skip a mix of the streams
+    "hyper_connection": rn.NetSpec((rn.BlockSpec("hyper", (B("mlp"),)), rn.BlockSpec("hyper", (B("attn", rope=True),)),
+                                    seq(B("mlp"))), repeat_last=True),
     "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
     "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
 }
@@ -445,7 +448,7 @@ def test_example_decoys_only():
 
 
 @pytest.mark.parametrize("name", ["decoys", "nested_in_parallel", "repeated_block", "projection_nested",
-                                  "flat_bert_style"])
+                                  "flat_bert_style", "hyper_connection"])
 def test_example_dynamo(name):
     net, truth = rn.build(EXAMPLES[name])
     sut, ref = copy.deepcopy(net), copy.deepcopy(net)
@@ -675,6 +678,19 @@ def test_regression_hyper_connection_weights_stay_in_the_trunk(inner):
         assert_same_grads(grads(net), grads(reference), rtol=1e-9, atol=1e-12)
         assert all(net.blocks[i]["mix"].fn.grad is not None for i in range(2))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
+def test_regression_hyper_connection_mix_skip_keeps_post_and_comb_in_the_trunk(inner):
+    """DeepSeek-V4 (catalogue, issue 24): ``post * f(pre . H) + comb^T @ H`` was read as a projection residual
+    whose branch was the whole product, so a closed gate took ``post``'s gradient away (the hyper-connection's
+    weights and the embeddings differed from the oracle that detaches ``f``). The factor now stays in the trunk
+    with the skip's mix, and the branch ends at ``f``'s output (its broadcast view belongs to the product)."""
+    spec = EXAMPLES["hyper_connection"]
+    check_compiled(spec, dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False,
+                                          seed=3), ALTERNATE)
+    net, _ = rn.build(spec)
+    assert all(p.grad is None for p in net.parameters())  # the built net itself never trained
 
 
 @pytest.mark.parametrize("name", ["nested_iadd_out_in_parallel", "pre_norm", "post_norm", "parallel_left", "decoys",
