@@ -225,22 +225,38 @@ def _related(a: str, b: str) -> bool:
 def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: set[str],
                   leaves: set[str]) -> tuple[str | None, str]:
     """(module path to detach, "") or (None, why the oracle cannot map this gate)."""
-    members = _members(gate)
+    base, _, nth = gate.partition("#")  # ``name#k``: the k-th call of a module run several times per forward
+    members, k = _members(base), int(nth or 0)
     missing = [m for m in members if m not in modules]
     if missing:
         return None, f"gate {gate!r}: {missing[0]!r} is not a module path"
     by_path = {m: [c for c in calls if c.path == m] for m in members}
-    for m, cs in by_path.items():
-        if len(cs) != 1:
-            return None, f"gate {gate!r}: module {m!r} runs {len(cs)} times per forward"
-    ran = sorted((cs[0] for cs in by_path.values()), key=lambda c: c.pre)
+    counts = {len(cs) for cs in by_path.values()}
+    if len(counts) != 1 or counts.pop() <= k:
+        m = next(iter(by_path))
+        return None, f"gate {gate!r}: module {m!r} runs {len(by_path[m])} times per forward"
+    ran = sorted((cs[k] for cs in by_path.values()), key=lambda c: c.pre)
+    target, why = _target_of(gate, members, ran, calls, with_params, leaves)
+    return (target, why) if target is None else (_per_call(target, calls), "")
+
+
+def _per_call(target, calls: list[Call]):
+    """A module path to detach, or ``(path, k)`` when the chosen call is the k-th of a module run more than once."""
+    if not isinstance(target, Call):
+        return target
+    same = [c for c in calls if c.path == target.path]
+    return target.path if len(same) == 1 else (target.path, same.index(target))
+
+
+def _target_of(gate, members, ran, calls, with_params, leaves):
+    """The call (or :class:`OwnResidual`) whose output is the gate's branch value, or (None, why not)."""
     own = _own_residual(ran[0], calls, leaves) if len(members) == 1 else None
     if own is not None:
         return own, ""
     chain, why = _chain(ran[0], calls, with_params, leaves)
     on_chain = [c.path for c in chain]
     if all(any(p == m or p.startswith(m + ".") for p in on_chain) for m in members):
-        return (None, f"gate {gate!r}: {why}") if why else (on_chain[-1], "")
+        return (None, f"gate {gate!r}: {why}") if why else (chain[-1], "")
     # a union whose members meet through functional ops (Bloom's attention: qkv -> ... -> dense): the value
     # of the last member to run, when every other member had finished before it started
     if all(c.post < ran[-1].pre for c in ran[:-1]):
@@ -254,7 +270,7 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
                                    for j, (t, _) in enumerate(ran[-1].inputs) if j != own.skip):
             return own, ""
         chain, why = _chain(ran[-1], calls, with_params, leaves)
-        return (None, f"gate {gate!r}: {why}") if why else (chain[-1].path, "")
+        return (None, f"gate {gate!r}: {why}") if why else (chain[-1], "")
     return None, f"gate {gate!r}: {members[-1]!r} is neither on the module chain {' -> '.join(on_chain)} nor after it"
 
 
@@ -264,7 +280,7 @@ def _chain(start: Call, calls: list[Call], params: set[str], leaves: set[str]) -
     XLNet's feed-forward reads its input in ``layer_1`` and in ``output + inp``; a value read by several
     modules, a norm's output that feeds an attention's projections, is no chain); and why the oracle cannot
     use it ("" if it can). A module that runs more than once per forward (a shared dropout) ends the chain
-    before it; one with parameters makes it unusable (detaching it detaches every call)."""
+    before it; one with parameters goes on it (the oracle detaches that one call)."""
     chain = [start]
     while chain[-1].out is not None:
         cur = chain[-1]
@@ -275,10 +291,8 @@ def _chain(start: Call, calls: list[Call], params: set[str], leaves: set[str]) -
             break
         if any(where != nxt.path for where in cur.readers):
             break  # an op outside it reads the value too (XLNet's feed-forward adds its input back)
-        if sum(c.path == nxt.path for c in calls) > 1:
-            if nxt.path in params:
-                return chain, f"the branch continues into {nxt.path!r}, which has parameters and runs more than once"
-            break
+        if sum(c.path == nxt.path for c in calls) > 1 and nxt.path not in params:
+            break  # a shared dropout; a module with parameters is detached per call
         chain.append(nxt)
     return chain, ""
 
@@ -306,7 +320,7 @@ def _own_residual(call: Call, calls: list[Call], leaves: set[str]) -> OwnResidua
     of one of its tensor inputs and another value of the same shape, or is the output of a leaf module inside
     it (run once per forward, maybe returned through the submodule holding it) whose only input is such an
     add. None otherwise."""
-    if call.out is None:
+    if call.out is None or sum(c.path == call.path for c in calls) > 1:  # its hooks would act on every call
         return None
     returned = [c for c in calls if c.path.startswith(call.path + ".") and call.pre < c.pre and c.post < call.post
                 and c.out is call.out]
@@ -341,7 +355,7 @@ def _oracle_step(oracle, batch, dropped, targets, kept):
     :class:`OwnResidual`; ``kept``: gate -> how a gate named after a module that contains its own residual add
     the recorded ops did not show is detached, "skip" or "leaves")."""
     oracle.zero_grad(set_to_none=True)
-    plain = [targets[g] for g in dropped if isinstance(targets.get(g), str) and g not in kept]
+    plain = [targets[g] for g in dropped if isinstance(targets.get(g), (str, tuple)) and g not in kept]
     own = [targets[g] for g in dropped if isinstance(targets.get(g), OwnResidual)]
     leaves = [leaf for g in dropped if kept.get(g) == "leaves" for leaf in parametric_leaves(oracle, g)]
     with detached(oracle, plain, through_constants=True), leaves_detached(oracle, leaves), \

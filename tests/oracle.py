@@ -6,6 +6,7 @@ Nothing here imports dropbp_fx or passes: the reference gradients come from plai
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -21,19 +22,30 @@ def _detach(value):
 def detached(model: nn.Module, module_paths, through_constants: bool = False):
     """Forward hooks that ``.detach()`` every tensor output of the modules at ``module_paths``.
 
+    An entry ``(path, k)`` detaches only the ``k``-th call (from 0) of that module in each forward: a layer
+    module run several times per forward (ALBERT's shared layer, a recurrent block) has a gate per call.
+
     ``through_constants``: the branch goes on through the ops that read only its values and the model's
     constants broadcast onto them (a bias, a scale: ``(f(x) + b) * s`` before the add with the skip, in a
     module that also takes the skip); those run on detached inputs, so their parameters get no gradient.
     """
     mode = _BranchOps(model) if through_constants and module_paths else None
+    which: dict[str, set[int] | None] = {}  # path -> the calls to detach (None: every call)
+    for entry in module_paths:
+        path, call = (entry, None) if isinstance(entry, str) else entry
+        which[path] = None if call is None or which.get(path, set()) is None else which.get(path, set()) | {call}
+    calls: dict[str, int] = {}
 
-    def hook(mod, args, out):
+    def hook(path, mod, args, out):
+        call = calls[path] = calls.get(path, -1) + 1
+        if which[path] is not None and call not in which[path]:
+            return out
         out = tree_map(_detach, out)
         if mode is not None:
             mode.mark(out)
         return out
 
-    handles = [model.get_submodule(p).register_forward_hook(hook) for p in module_paths]
+    handles = [model.get_submodule(p).register_forward_hook(functools.partial(hook, p)) for p in which]
     try:
         with mode if mode is not None else contextlib.nullcontext():
             yield

@@ -103,7 +103,75 @@ def test_oracle_target_follows_post_norms_and_unions():
     assert oracle_target("block.attn", calls, modules, params, leaves) == ("block.post_norm", "")
     assert oracle_target("block.{fc1,fc2}", calls, modules, params, leaves) == ("block.fc2", "")
     assert oracle_target("block.{b,c}", calls, modules, params, leaves)[0] is None  # not module paths
-    assert oracle_target("block.drop", calls, modules, params, leaves)[0] is None  # runs twice
+    # runs twice: each gate is one call (``#1`` the second)
+    assert oracle_target("block.drop", calls, modules, params, leaves) == (("block.drop", 0), "")
+    assert oracle_target("block.drop#1", calls, modules, params, leaves) == (("block.drop", 1), "")
+
+
+class _SharedLayer(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.attn = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
+        self.ffn, self.ffn_output = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, h):
+        h = h + self.attn(h)
+        return h + self.ffn_output(torch.relu(self.ffn(h)))
+
+
+class SharedLayerNet(nn.Module):
+    """ALBERT's shape: one layer module run twice per forward, each call its own two gates (``...#1``)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp, self.layer, self.out = nn.Linear(d, d), _SharedLayer(d), nn.Linear(d, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(2):
+            h = self.layer(h)
+        return self.out(h).sum()
+
+
+def test_oracle_maps_each_call_of_a_shared_layer_to_that_call():
+    """``name#k`` is the k-th call; the oracle detaches that call only, and its gradients are the backend's."""
+    from tests.oracle import assert_same_grads, detached, grads
+
+    import dropbp_fx
+
+    torch.manual_seed(0)
+    net = SharedLayerNet().double()
+    x = torch.randn(2, 3, 8, dtype=torch.double)
+    calls = record_calls(net, {"x": x})
+    modules = {n for n, _ in net.named_modules()}
+    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
+    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
+    assert oracle_target("layer.attn", calls, modules, params, leaves) == (("layer.attn", 0), "")
+    assert oracle_target("layer.attn#1", calls, modules, params, leaves) == (("layer.attn", 1), "")
+    assert oracle_target("layer.{ffn,ffn_output}#1", calls, modules, params, leaves) == (("layer.ffn_output", 1), "")
+    assert oracle_target("layer.attn#2", calls, modules, params, leaves)[0] is None  # runs twice, not three times
+
+    oracle = copy.deepcopy(net)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli", keep_one_open=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x)
+    assert dbp.gate_names == ["layer.attn", "layer.{ffn,ffn_output}", "layer.attn#1", "layer.{ffn,ffn_output}#1"]
+    for closed in (["layer.attn#1"], ["layer.{ffn,ffn_output}"], ["layer.attn", "layer.{ffn,ffn_output}#1"]):
+        dbp.set_rates({g: (1 - 1e-12 if g in closed else 0.0) for g in dbp.gate_names})
+        net.zero_grad(set_to_none=True), oracle.zero_grad(set_to_none=True)
+        compiled(x).backward()
+        assert {g for g, d in dbp.last_mask.items() if d} == set(closed)
+        targets = [oracle_target(g, calls, modules, params, leaves)[0] for g in closed]
+        with detached(oracle, targets):
+            oracle(x).backward()
+        assert_same_grads(grads(net), grads(oracle), rtol=1e-9, atol=1e-12)
+        with detached(oracle, [t[0] for t in targets]):  # per module instead of per call: both calls detached
+            oracle.zero_grad(set_to_none=True)
+            oracle(x).backward()
+        assert any(not torch.equal(a, b) for a, b in zip(grads(net).values(), grads(oracle).values())
+                   if a is not None and b is not None)
+    torch._dynamo.reset()
 
 
 class _ResidualScaling(nn.Module):
