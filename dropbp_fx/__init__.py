@@ -5,6 +5,8 @@ Public API::
     compiled = torch.compile(model, backend="dropbp", options={"drop_rate": 0.5})
     dropbp_fx.get_dropbp(compiled)          # gate names, rates, last mask, counts, summary()
 
+    dbp = dropbp_fx.compile(model, drop_rate=0.5)  # in place; gradient checkpointing gated too
+
     dbp = dropbp_fx.DropBP(drop_rate=0.5)   # or keep the backend object yourself
     compiled = torch.compile(model, backend=dbp)
 
@@ -23,7 +25,8 @@ from dropbp_fx.discovery import get_dropbp
 from dropbp_fx.explain import Explanation, explain
 from dropbp_fx.gate import DropGate
 from dropbp_fx.reports import DropBPWarning
+from dropbp_fx.tracing import compile  # noqa: A004 - dropbp_fx.compile(model, **options), in place
 
 __all__ = ["Calibration", "CalibrationSchedule", "DropBP", "DropBPConfig", "DropBPWarning", "DropController", "DropGate",
-           "Explanation", "calibrate", "explain", "get_dropbp", "sensitivities", "validate_options"]
+           "Explanation", "calibrate", "compile", "explain", "get_dropbp", "sensitivities", "validate_options"]
 __version__ = "0.1.0"

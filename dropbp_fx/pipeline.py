@@ -135,7 +135,7 @@ def record_findings(job: GraphJob) -> None:
     if not analysis.branches:
         if not job.gated:
             job.record.note = "no residual branch: unchanged"
-            job.dbp.reports.no_branch(job.record.index, len(analysis.skipped))
+            job.dbp.reports.no_branch(job.record.index, len(analysis.skipped), gated=bool(job.dbp.controller.gates))
         job.done = True
         return
     job.dbp.reports.stream_mutations(analysis.branches)

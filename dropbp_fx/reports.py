@@ -22,10 +22,11 @@ class Reports:
         self._warned_no_branch = False
         self._warned_cuts: set[tuple] = set()
 
-    def no_branch(self, index: int, adds: int) -> None:
-        """A graph without residual branch is almost always a model DropBP cannot help."""
+    def no_branch(self, index: int, adds: int, gated: bool) -> None:
+        """A graph without residual branch in a model with no gate so far is almost always a model DropBP cannot
+        help; beside gated graphs it is a loss or a head after a graph break (``explain`` lists it)."""
         log.info("dropbp: graph %d has no residual branch (%d adds looked at); running it unchanged", index, adds)
-        if self._warned_no_branch:
+        if self._warned_no_branch or gated:
             return
         self._warned_no_branch = True
         warnings.warn(
@@ -45,7 +46,7 @@ class Reports:
         analysis, prefix = job.analysis, job.prefix
         adds = {b.add for b in analysis.branches + analysis.nested} | {b.partial_sum for b in analysis.branches}
         inside = {n for b in analysis.branches + analysis.nested for n in b.nodes}
-        cut = cut_branches(job.gm, adds - {None}, job.dbp.model(), inside)
+        cut = cut_branches(job.gm, adds - {None}, job.dbp.model(), inside, _heads(job.model, prefix))
         if not cut:
             return
         cut = [f"{prefix}.{c}" if prefix and c else (c or prefix or "<root>") for c in cut]
@@ -97,3 +98,18 @@ def refuse_published_dropbp(model: nn.Module) -> None:
             "dropped, or kept, on every step), and the backend would gate the branches a second time. Use the "
             "unmodified model: the dropbp backend finds the residual branches itself (set the rates with "
             "options={'drop_rate': ...} or dropbp_fx.calibrate, instead of DropBPHandler).")
+
+
+def _heads(model, prefix: str) -> frozenset[str]:
+    """The module path (in the graph's frame) of the model's output head (transformers' ``get_output_embeddings``):
+    a graph ending at it ends at the model's output, not inside a residual branch."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return frozenset()
+    path = next((n for n, m in model.named_modules() if m is head), None)
+    if path is None:
+        return frozenset()
+    if prefix:
+        path = path[len(prefix) + 1:] if path.startswith(prefix + ".") else None
+    return frozenset() if path is None else frozenset({path})

@@ -28,14 +28,16 @@ from . import graph_view as gv
 
 
 def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Module | None = None,
-                 inside: set[fx.Node] = frozenset()) -> list[str]:
+                 inside: set[fx.Node] = frozenset(), heads: frozenset[str] = frozenset()) -> list[str]:
     """Module paths of compute on a trainable weight whose result is a graph output by a path that avoids
     every residual add in ``residual_adds`` (the adds of the branches found in ``gm``), and whose residual
     stream leaves the graph too (the add would be in the next graph).
 
     Not cut: compute inside a branch found whole (``inside``: a KV cache it returns) or feeding one (a
     cross-attention's keys of the encoder output, also returned as its cache: SwitchTransformers), and compute
-    on a stream the graph does not return (a head: ``lm_head(norm(h))`` before a break in the loss).
+    on a stream the graph does not return (a head: ``lm_head(norm(h))`` before a break in the loss), nor the
+    model's output head itself (``heads``: module paths; GPT-2's ``ln_f, lm_head`` between two breaks, whose
+    stream goes on as a graph input for all this graph can tell).
     """
     root = gm if root is None else root
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -49,7 +51,7 @@ def cut_branches(gm: fx.GraphModule, residual_adds: set[fx.Node], root: nn.Modul
             continue
         seen.add(node)
         if gv.is_compute(node, root) and _reads_trainable(node, root):
-            if node not in inside and not _feeds(node, inside, root) \
+            if gv.module_path(node) not in heads and node not in inside and not _feeds(node, inside, root) \
                     and _stream_leaves(node, residual_adds, returned, root):
                 cut[gv.module_path(node)] = None
             continue

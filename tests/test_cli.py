@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import dropbp_fx
 from dropbp_fx import cli
 
 transformers = pytest.importorskip("transformers")
@@ -45,8 +47,13 @@ def test_local_directory(tmp_path, capsys):
     torch._dynamo.reset()
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    assert cli.main(["explain", str(tmp_path)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", dropbp_fx.DropBPWarning)
+        assert cli.main(["explain", str(tmp_path)]) == 0
+    # the loss graph after the break has no residual branch: a line of the report, no warning (the model is gated)
+    assert not [w for w in caught if issubclass(w.category, dropbp_fx.DropBPWarning)], [str(w.message) for w in caught]
     out = capsys.readouterr().out
+    assert "no residual branch" in out
     assert out.startswith(f"GPT2LMHeadModel from {tmp_path}")
     assert "transformer.h.0.attn" in out and "transformer.h.1.mlp" in out and "bwd FLOPs share" in out
     # Regression: transformers breaks the graph at its loss (a logging call); the KV cache the attention returns

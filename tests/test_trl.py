@@ -47,12 +47,10 @@ def _sentences(n, seed):
     return out
 
 
-def _common(tmp_path, steps):
-    # TRL 1.16 turns gradient checkpointing on by default; with transformers 5.25 Dynamo breaks the graph inside
-    # each checkpointed Llama layer (see the README's TRL section), so no layer would be gated: turned off here
+def _common(tmp_path, steps, **defaults):
     return dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-3,
                 logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-                dataloader_num_workers=0, gradient_checkpointing=False)
+                dataloader_num_workers=0, **({"gradient_checkpointing": False} | defaults))
 
 
 def _logs(trainer):
@@ -75,6 +73,27 @@ def test_sft_trainer(tmp_path):
     assert all("dropbp_drop_fraction" in h and "dropbp_bwd_flops_saved" in h for h in logs)
     assert 0.2 < sum(h["dropbp_drop_fraction"] for h in logs) / len(logs) < 0.8
     assert callback.calibrated and (tmp_path / "dropbp_gates.png").exists()
+
+
+def test_sft_trainer_with_trls_default_gradient_checkpointing(tmp_path):
+    """TRL's own default (gradient checkpointing on): the checkpointed layers are gated, calibration runs."""
+    torch._dynamo.reset()
+    tokenizer = _tokenizer()
+    data = datasets.Dataset.from_dict({"text": _sentences(64, 0)})
+    callback = DropBPCallback(drop_rate=0.5, calibrate="fast", inner="eager")
+    common = _common(tmp_path, 16)
+    del common["gradient_checkpointing"]  # as TRL sets it
+    config = trl.SFTConfig(**common, max_length=16, packing=False)
+    assert config.gradient_checkpointing  # TRL's default, which this test is about
+    trainer = trl.SFTTrainer(model=_llama(tokenizer), args=config, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[callback])
+    trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    dbp = dropbp_fx.get_dropbp(trainer.model)
+    assert len(dbp.gate_names) == 4 and all(n.endswith(("self_attn", "mlp")) for n in dbp.gate_names), dbp.gate_names
+    logs = _logs(trainer)
+    assert len(logs) == 16 and callback.calibrated
+    assert 0.3 < sum(h["dropbp_drop_fraction"] for h in logs) / len(logs) < 0.7
 
 
 def test_dpo_trainer_gates_the_policy_only_one_mask_per_step(tmp_path):

@@ -7,6 +7,7 @@ from torch import nn
 
 from dropbp_fx.calibrate import METHODS, calibration_step  # noqa: F401 (calibration_step: shared)
 from dropbp_fx.config import DropBPConfig, check_rate
+from dropbp_fx.tracing import traced_with_our_settings
 
 
 def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, options: dict) -> DropBPConfig:
@@ -26,6 +27,8 @@ def compile_in_place(owner: str, model: nn.Module, backend) -> None:
         raise ValueError(f"{owner}: the model is already compiled (model.compile(...)); pass the uncompiled model "
                          "and let the callback compile it")
     model.compile(backend=backend)
+    # Dynamo's settings for checkpointed layers (gradient checkpointing on: the gates go inside), while it traces
+    model._compiled_call_impl = traced_with_our_settings(model._compiled_call_impl)
 
 
 class DropStats:
