@@ -163,3 +163,36 @@ def test_calibration_logs_its_table(tmp_path, caplog):
         _train(tmp_path, callback, max_steps=2)
     assert any("calibrated at step" in r.getMessage() and "bwd FLOPs share" in r.getMessage()
                for r in caplog.records)
+
+
+class _NoResidual(torch.nn.Module):
+    """A model with nothing to gate (no residual add), in the Trainer's calling convention."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = torch.nn.Embedding(VOCAB, 16), torch.nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.out(torch.tanh(self.emb(input_ids)))
+        return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+
+def test_a_model_with_no_gate_is_refused_at_the_first_step_not_at_calibration(tmp_path):
+    """calibrate_at=0.5 of 20 steps: without the first-step check the run died at step 10 (LookupError)."""
+    torch._dynamo.reset()
+    callback = DropBPCallback(drop_rate=0.5, calibrate="fast", calibrate_at=0.5, inner="eager")
+    trainer = transformers.Trainer(model=_NoResidual(), args=_args(tmp_path), train_dataset=_dataset(),
+                                   callbacks=[callback])
+    with pytest.raises(RuntimeError, match=r"first training step reached no residual branch.*on_no_gates='warn'"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_on_no_gates_warn_trains_without_dropbp(tmp_path):
+    torch._dynamo.reset()
+    callback = DropBPCallback(drop_rate=0.5, calibrate="fast", calibrate_at=0.5, inner="eager", on_no_gates="warn")
+    with pytest.warns(dropbp_fx.DropBPWarning, match="first training step reached no residual branch"):
+        trainer = _train(tmp_path, callback, model=_NoResidual())
+    assert trainer.state.global_step == 20 and not callback.calibrated
+    with pytest.raises(ValueError, match="on_no_gates must be one of"):
+        DropBPCallback(on_no_gates="ignore")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from dropbp_fx.calibrate import METHODS, calibration_step  # noqa: F401 (calibration_step: shared)
 from dropbp_fx.config import DropBPConfig, check_rate
+from dropbp_fx.reports import DropBPWarning
 from dropbp_fx.tracing import traced_with_our_settings
 
 
@@ -18,6 +21,32 @@ def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, optio
     if not 0.0 <= calibrate_at < 1.0:
         raise ValueError(f"{owner} calibrate_at is a fraction of training in [0, 1), got {calibrate_at!r}")
     return DropBPConfig(drop_rate=drop_rate, **options)
+
+
+ON_NO_GATES = ("raise", "warn")
+
+
+def check_on_no_gates(owner: str, on_no_gates: str) -> str:
+    if on_no_gates not in ON_NO_GATES:
+        raise ValueError(f"{owner} on_no_gates must be one of {ON_NO_GATES}, got {on_no_gates!r}")
+    return on_no_gates
+
+
+def check_first_step(owner: str, dbp, on_no_gates: str) -> bool:
+    """After the first training step: does the model have a gate? What would otherwise fail later (the
+    calibration at ``calibrate_at``) or train silently without DropBP is said now: ``on_no_gates="raise"`` raises
+    with the reason and the fix, ``"warn"`` warns once (``DropBPWarning``) and training goes on without DropBP
+    (the callback then does not calibrate). Returns whether the model is gated."""
+    if dbp.controller.gates:
+        return True
+    why = (f"{owner}: the first training step reached no residual branch the dropbp backend could gate, so "
+           "nothing would ever be dropped (and calibration could not run). The DropBPWarning above says why; "
+           "`python -m dropbp_fx explain MODEL` or dropbp_fx.explain(model, **batch) lists every add. To train "
+           f"without DropBP anyway, pass {owner}(..., on_no_gates='warn').")
+    if on_no_gates == "raise":
+        raise RuntimeError(why)
+    warnings.warn(why, DropBPWarning, stacklevel=3)
+    return False
 
 
 def compile_in_place(owner: str, model: nn.Module, backend) -> None:

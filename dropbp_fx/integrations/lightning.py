@@ -27,7 +27,8 @@ from torch import nn
 
 from dropbp_fx.backend import DropBP
 from dropbp_fx.calibrate import calibrate
-from dropbp_fx.integrations.common import DropStats, calibration_step, check_callback_options, compile_in_place, loss_of
+from dropbp_fx.integrations.common import (DropStats, calibration_step, check_callback_options, check_first_step,
+                                           check_on_no_gates, compile_in_place, loss_of)
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -48,14 +49,18 @@ class DropBPLightningCallback(Callback):
             module has one, else the LightningModule itself).
         plot: write ``dropbp_gates.png`` to ``trainer.default_root_dir`` at the end of training.
         seed, policy, keep_one_open, inner: the :class:`~dropbp_fx.DropBP` options.
+        on_no_gates: after the first step, a network with no gate raises (``"raise"``, with the reason) or warns
+            and trains without DropBP (``"warn"``).
     """
 
     def __init__(self, drop_rate: float = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
                  attr: str | None = None, plot: bool = True, seed: int = 0, policy: str = "topup",
-                 keep_one_open: bool | str = "auto", inner: str = "inductor") -> None:
+                 keep_one_open: bool | str = "auto", inner: str = "inductor", on_no_gates: str = "raise") -> None:
         config = check_callback_options("DropBPLightningCallback", drop_rate, calibrate, calibrate_at,
                                         dict(seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner))
-        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, attr=attr, plot=plot, **config.as_dict())
+        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, attr=attr, plot=plot,
+                            on_no_gates=check_on_no_gates("DropBPLightningCallback", on_no_gates), **config.as_dict())
+        self.gated: bool | None = None  # known after the first training step
         self.dropbp = DropBP.from_config(config)
         self.stats = DropStats(self.dropbp.controller)
         self.calibration = None  # the dropbp_fx.Calibration table, once calibrated
@@ -82,8 +87,10 @@ class DropBPLightningCallback(Callback):
                  self.options["drop_rate"], self.options["calibrate"], self._calibration_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.gated is None:
+            self.gated = check_first_step("DropBPLightningCallback", self.dropbp, self.options["on_no_gates"])
         pl_module.log_dict(self.stats.window(), on_step=True, on_epoch=False, prog_bar=False)
-        if (self.options["calibrate"] is not None and not self.calibrated
+        if (self.options["calibrate"] is not None and not self.calibrated and self.gated
                 and trainer.global_step >= self._calibration_step):
             self.calibration = calibrate(self.network, lambda: loss_of(pl_module.training_step(batch, batch_idx),
                                                                        "DropBPLightningCallback"),

@@ -32,8 +32,8 @@ from torch import nn
 
 from dropbp_fx.backend import DropBP
 from dropbp_fx.calibrate import calibrate
-from dropbp_fx.integrations.common import (DropStats, calibration_step, check_callback_options, compile_in_place,
-                                           loss_of)
+from dropbp_fx.integrations.common import (DropStats, calibration_step, check_callback_options, check_first_step,
+                                           check_on_no_gates, compile_in_place, loss_of)
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,18 @@ class DropBPCallback(TrainerCallback, ExportableState):
         seed, policy, keep_one_open, inner: the :class:`~dropbp_fx.DropBP` options.
         plot: at the end of training, write ``dropbp_gates.png`` (rates, realised drops, FLOPs shares per gate,
             :meth:`dropbp_fx.DropBP.plot`) to the output directory (needs matplotlib).
+        on_no_gates: after the first step, a model with no gate raises (``"raise"``, with the reason) or warns
+            and trains without DropBP (``"warn"``).
     """
 
     def __init__(self, drop_rate: float = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
                  seed: int = 0, policy: str = "topup", keep_one_open: bool | str = "auto",
-                 inner: str = "inductor", plot: bool = True) -> None:
+                 inner: str = "inductor", plot: bool = True, on_no_gates: str = "raise") -> None:
         config = check_callback_options("DropBPCallback", drop_rate, calibrate, calibrate_at,
                                         dict(seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner))
-        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, plot=plot, **config.as_dict())
+        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, plot=plot,
+                            on_no_gates=check_on_no_gates("DropBPCallback", on_no_gates), **config.as_dict())
+        self.gated: bool | None = None  # known after the first training step
         self.dropbp = DropBP.from_config(config)
         self.stats = DropStats(self.dropbp.controller)
         self.calibrated = False
@@ -91,7 +95,13 @@ class DropBPCallback(TrainerCallback, ExportableState):
             self._hook = self._model.register_forward_pre_hook(self._keep_batch, with_kwargs=True)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.gated is None:
+            self.gated = check_first_step("DropBPCallback", self.dropbp, self.options["on_no_gates"])
         if self._hook is None or self._batch is None:
+            return
+        if not self.gated:  # warned: training goes on without DropBP, nothing to calibrate
+            self._hook.remove()
+            self._hook, self._batch = None, None
             return
         self._hook.remove()
         self._hook = None
@@ -153,7 +163,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
 
     # -------------------------------------------------------------- helpers
     def _wants_calibration(self, state) -> bool:
-        return (self.options["calibrate"] is not None and not self.calibrated
+        return (self.options["calibrate"] is not None and not self.calibrated and self.gated is not False
                 and state.global_step >= self._calibration_step)
 
     def _keep_batch(self, module, args, kwargs):
