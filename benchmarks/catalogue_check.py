@@ -223,14 +223,22 @@ def _related(a: str, b: str) -> bool:
 
 
 def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: set[str],
-                  leaves: set[str]) -> tuple[str | None, str]:
-    """(module path to detach, "") or (None, why the oracle cannot map this gate)."""
-    base, _, nth = gate.partition("#")  # ``name#k``: the k-th call of a module run several times per forward
+                  leaves: set[str], gate_names=()) -> tuple[str | None, str]:
+    """(module path to detach, "") or (None, why the oracle cannot map this gate).
+
+    ``name#k`` is the k-th call of a module run several times per forward: ``(path, k)``. A module run once
+    with several gates (``gate_names`` holds ``name#1``: PEGASUS-X's attention returns its local and its global
+    tokens, each added to its own stream) gives one gate per tensor output: ``(path, 0, k)``."""
+    base, _, nth = gate.partition("#")
     members, k = _members(base), int(nth or 0)
     missing = [m for m in members if m not in modules]
     if missing:
         return None, f"gate {gate!r}: {missing[0]!r} is not a module path"
     by_path = {m: [c for c in calls if c.path == m] for m in members}
+    outputs = 1 + max((int(g.partition("#")[2]) for g in gate_names if g.partition("#")[0] == base and "#" in g),
+                      default=0)
+    if len(members) == 1 and len(by_path[base]) == 1 and outputs > 1:
+        return (base, 0, k), ""
     counts = {len(cs) for cs in by_path.values()}
     if len(counts) != 1 or counts.pop() <= k:
         m = next(iter(by_path))
@@ -503,7 +511,7 @@ def _train(model, oracle, batches, inner: str, rec: Record, seed: int) -> None:
             with_params = {n for n, m in oracle.named_modules() if any(True for _ in m.parameters())}
             leaves = {n for n, m in oracle.named_modules() if not any(True for _ in m.children())}
             for g in rec.gate_names:
-                target, why = oracle_target(g, calls, modules, with_params, leaves)
+                target, why = oracle_target(g, calls, modules, with_params, leaves, rec.gate_names)
                 if target is None:
                     unmapped[g] = why
                 else:

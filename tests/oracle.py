@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
 def _detach(value):
@@ -24,21 +24,34 @@ def detached(model: nn.Module, module_paths, through_constants: bool = False):
 
     An entry ``(path, k)`` detaches only the ``k``-th call (from 0) of that module in each forward: a layer
     module run several times per forward (ALBERT's shared layer, a recurrent block) has a gate per call.
+    ``(path, k, j)`` detaches only the ``j``-th tensor output of that call (a module whose outputs feed two
+    residual streams).
 
     ``through_constants``: the branch goes on through the ops that read only its values and the model's
     constants broadcast onto them (a bias, a scale: ``(f(x) + b) * s`` before the add with the skip, in a
     module that also takes the skip); those run on detached inputs, so their parameters get no gradient.
     """
     mode = _BranchOps(model) if through_constants and module_paths else None
-    which: dict[str, set[int] | None] = {}  # path -> the calls to detach (None: every call)
+    which: dict[str, set | None] = {}  # path -> the (call, output) pairs to detach (None: all of every call)
     for entry in module_paths:
-        path, call = (entry, None) if isinstance(entry, str) else entry
-        which[path] = None if call is None or which.get(path, set()) is None else which.get(path, set()) | {call}
+        path, *where = (entry,) if isinstance(entry, str) else entry
+        pair = (where[0], where[1] if len(where) > 1 else None) if where else None
+        which[path] = None if pair is None or which.get(path, set()) is None else which.get(path, set()) | {pair}
     calls: dict[str, int] = {}
 
     def hook(path, mod, args, out):
         call = calls[path] = calls.get(path, -1) + 1
-        if which[path] is not None and call not in which[path]:
+        chosen = which[path]
+        if chosen is not None and not any(c == call for c, _ in chosen):
+            return out
+        outputs = None if chosen is None else {o for c, o in chosen if c == call}
+        if outputs is not None and None not in outputs:  # only those tensor outputs (in flattened order)
+            flat, spec = tree_flatten(out)
+            tensors = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+            picked = {tensors[o] for o in outputs}
+            out = tree_unflatten([_detach(v) if i in picked else v for i, v in enumerate(flat)], spec)
+            if mode is not None:
+                mode.mark([flat[i] for i in picked])
             return out
         out = tree_map(_detach, out)
         if mode is not None:

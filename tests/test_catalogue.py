@@ -174,6 +174,61 @@ def test_oracle_maps_each_call_of_a_shared_layer_to_that_call():
     torch._dynamo.reset()
 
 
+class _TwoStreams(nn.Module):
+    """PEGASUS-X's shape: one attention call returns the local and the global tokens, each added to its stream."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, h, g):
+        both = torch.cat([h, g], dim=1)
+        mixed = self.o(torch.tanh(self.q(both)))
+        return mixed[:, :h.shape[1]], mixed[:, h.shape[1]:]
+
+
+class TwoStreamNet(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp, self.glob, self.attn, self.out = nn.Linear(d, d), nn.Linear(d, d), _TwoStreams(d), nn.Linear(d, 1)
+
+    def forward(self, x, detach=()):
+        h, g = self.inp(x), self.glob(x)
+        local, global_ = self.attn(h, g)
+        local, global_ = (local.detach() if 0 in detach else local), (global_.detach() if 1 in detach else global_)
+        h, g = h + local, g + global_
+        return self.out(h).sum() + self.out(g).sum()
+
+
+def test_oracle_maps_two_gates_of_one_call_to_its_two_outputs():
+    """A gate per tensor output of one call (``name``, ``name#1``): ``(path, 0, j)``, and the hook oracle
+    detaches that output alone (the reference detaches it by hand)."""
+    from tests.oracle import detached, grads
+
+    torch.manual_seed(0)
+    net = TwoStreamNet().double()
+    x = torch.randn(2, 3, 8, dtype=torch.double)
+    calls = record_calls(net, {"x": x})
+    modules = {n for n, _ in net.named_modules()}
+    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
+    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
+    names = ["attn", "attn#1"]
+    assert oracle_target("attn", calls, modules, params, leaves, names) == (("attn", 0, 0), "")
+    assert oracle_target("attn#1", calls, modules, params, leaves, names) == (("attn", 0, 1), "")
+    for j in (0, 1):
+        net.zero_grad(set_to_none=True)
+        with detached(net, [("attn", 0, j)]):
+            net(x).backward()
+        got = grads(net)
+        net.zero_grad(set_to_none=True)
+        net(x, detach=(j,)).backward()
+        want = grads(net)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        net.zero_grad(set_to_none=True)
+        net(x).backward()
+        assert not torch.equal(grads(net)["attn.q.weight"], want["attn.q.weight"])  # the detach mattered
+
+
 class _ResidualScaling(nn.Module):
     """Zaya's residual add: ``(h + b) * s + (r + rb) * rs``, one module taking the branch value and the skip."""
 
