@@ -1,0 +1,108 @@
+"""What a closed gate closes in residual forms beyond ``x + f(x)`` (docs/residuals.md): each form written twice,
+once as a model and once with the documented branch value ``.detach()``ed by hand (the reference), and the
+backend's gradients equal the reference's for every mask."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dropbp_fx
+from tests.oracle import assert_same_grads, grads
+
+D = 8
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+
+class Interpolating(nn.Module):
+    """nGPT / Dory: ``h + a * (f(h) - h)``. The gate closes ``a * (f(h) - h)`` whole: ``f`` and ``a`` get no
+    gradient, the skip carries the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.a = _mlp(), nn.Parameter(torch.full((D,), 0.3))
+
+    def forward(self, h, closed=False):
+        branch = self.a * (self.f(h) - h)
+        return F.normalize(h + (branch.detach() if closed else branch), dim=-1)
+
+
+class ScaledBias(nn.Module):
+    """Zaya's residual scaling: ``(f(x) + b) * s + (x + c) * t``. The gate closes ``(f(x) + b) * s``: ``f``, ``b``
+    and ``s`` get no gradient; ``c`` and ``t`` (the skip's own scaling) keep theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = _mlp()
+        self.b, self.s, self.c, self.t = (nn.Parameter(torch.randn(D) * 0.1 + (i % 2)) for i in range(4))
+
+    def forward(self, x, closed=False):
+        branch = (self.f(x) + self.b) * self.s
+        return (branch.detach() if closed else branch) + (x + self.c) * self.t
+
+
+class SharedGate(nn.Module):
+    """Ergo: ``g(w) * f(x) + r(w) * x`` with one weight ``w``. The gate closes ``g(w) * f(x)``: ``f`` gets no
+    gradient and ``w`` only the skip's ``r(w) * x`` part."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.w = _mlp(), nn.Parameter(torch.zeros(D))
+
+    def forward(self, x, closed=False):
+        branch = torch.sigmoid(self.w) * self.f(x)
+        return (branch.detach() if closed else branch) + (1 - torch.sigmoid(self.w)) * x
+
+
+class StreamScaled(nn.Module):
+    """HY-V4: ``x + s(x) * f(x)``, ``s`` a light factor computed from the stream beside ``f``. The gate closes
+    ``f`` alone: ``s`` keeps its gradient (see DeepSeek-V4's hyper-connections, tests/test_properties.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.gate = _mlp(), nn.Linear(D, 1)
+
+    def forward(self, x, closed=False):
+        out = self.f(x)
+        return x + torch.sigmoid(self.gate(x)) * (out.detach() if closed else out)
+
+
+class Net(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.inp, self.out = nn.Linear(D, D), nn.Linear(D, 1)
+        self.blocks = nn.ModuleList(block() for _ in range(2))
+
+    def forward(self, x, closed=()):
+        h = self.inp(x)
+        for i, block in enumerate(self.blocks):
+            h = block(h, closed=i in closed)
+        return self.out(h).pow(2).mean()
+
+
+@pytest.mark.parametrize("block", [Interpolating, ScaledBias, SharedGate, StreamScaled])
+def test_closed_gate_closes_the_documented_branch(block):
+    torch.manual_seed(0)
+    net = Net(block).double()
+    reference = copy.deepcopy(net)
+    x = torch.randn(4, D, dtype=torch.double)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli", keep_one_open=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x)
+    assert dbp.gate_names == ["blocks.0.f", "blocks.1.f"]
+    for closed in itertools.chain.from_iterable(itertools.combinations(range(2), k) for k in range(3)):
+        dbp.set_rates({g: (1 - 1e-12 if int(g.split(".")[1]) in closed else 0.0) for g in dbp.gate_names})
+        net.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+        compiled(x).backward()
+        reference(x, closed=closed).backward()
+        assert_same_grads(grads(net), grads(reference), rtol=1e-9, atol=1e-12)
+    torch._dynamo.reset()
