@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dropbp_fx.shrink import VOCAB, shrink
+from dropbp_fx.shrink_rules import default_config, lend_missing
 
 MAPPINGS = {  # flag -> (transformers mapping, Auto class)
     "causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
@@ -35,7 +36,7 @@ def build(model_type: str, mapping: str):
 
     from transformers.models.auto import modeling_auto
 
-    config = shrink(transformers.AutoConfig.for_model(model_type))
+    config = shrink(default_config(model_type))
     if mapping == "causal-lm":
         config.is_decoder = True  # what a causal LM head is for (BERT-style and Reformer heads ask for it)
     if mapping == "seq2seq-lm":  # shifting the labels right needs both
@@ -48,14 +49,25 @@ def build(model_type: str, mapping: str):
     if not isinstance(config, cls.config_class):  # MusicgenForCausalLM takes the decoder part of MusicgenConfig
         config = next((v for v in vars(config).values() if isinstance(v, cls.config_class)), config)
     for attn in ("sdpa", "eager"):
-        torch.manual_seed(0)
         try:
-            model = cls._from_config(config, attn_implementation=attn)
+            model = _make(cls, config, attn)
             break
         except (ValueError, NotImplementedError):  # no sdpa for this architecture: eager
             if attn == "eager":
                 raise
     return model.float().train(), attn
+
+
+def _make(cls, config, attn: str, tries: int = 4):
+    for _ in range(tries):
+        torch.manual_seed(0)
+        try:
+            return cls._from_config(config, attn_implementation=attn)
+        except AttributeError as exc:  # a sub-config lacks what the model reads: lent by the parent, again
+            if not lend_missing(config, exc):
+                raise
+    torch.manual_seed(0)
+    return cls._from_config(config, attn_implementation=attn)
 
 
 def batch_fn(model: nn.Module, mapping: str):
@@ -72,10 +84,19 @@ def batch_fn(model: nn.Module, mapping: str):
                     "labels": torch.randint(0, config.num_labels, (2,), generator=g)}
         return images
 
-    def tokens(seed, length=SEQ):
-        return torch.randint(3, VOCAB - 16, (2, length), generator=torch.Generator().manual_seed(seed))
+    factors = getattr(config, "axial_pos_shape", None)  # factored positions fix the training length
+    length = int(torch.tensor(factors).prod()) if factors else SEQ
+    rows = 2 * (getattr(config, "num_codebooks", None) or 1)  # one row per codebook of each sample
+
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    top = min(VOCAB, vocab) - 16 if isinstance(vocab, int) and vocab > 32 else VOCAB - 16  # ids the model has
+
+    def tokens(seed, length=length):
+        return torch.randint(3, top, (rows, length), generator=torch.Generator().manual_seed(seed))
 
     if mapping == "seq2seq-lm":
         return lambda seed: {"input_ids": tokens(seed), "labels": tokens(seed + 100)}
+    if rows > 2:  # codebooks: the ids (batch x codebooks, length), the labels (batch, length, codebooks)
+        return lambda seed: {"input_ids": tokens(seed), "labels": tokens(seed).view(2, -1, length).transpose(1, 2)}
     return lambda seed: {"input_ids": tokens(seed), "labels": tokens(seed)}
 

@@ -16,6 +16,7 @@
   vocabulary (ids 0-2 kept); positions -> at most 128; attention windows and chunks -> at most 8;
 * every dropout, layer drop, drop path and router jitter -> 0; image size -> 32, patch size -> 4.
 
+The relations it keeps between values and the repairs it makes are in :mod:`dropbp_fx.shrink_rules`.
 What the rule cannot build raises in ``AutoConfig``/the constructor, and the catalogue lists the type as
 unbuildable with that message.
 """
@@ -23,6 +24,8 @@ unbuildable with that message.
 from __future__ import annotations
 
 import re
+
+from dropbp_fx import shrink_rules as rules
 
 LAYERS = 2
 HIDDEN = 64
@@ -60,6 +63,7 @@ _RULES: list[tuple[str, str]] = [
     (r"(^hidden_size$|^d_model$|^n_embd$|^dim$|^emb_dim$|^embed_dim$|^embedding_size$|^word_embed_proj_dim$|"
      r"^attention_hidden_size$|^lru_width$|_hidden_size$|^true_hidden_size$|^intra_bottleneck_size$|"
      r"embedding_size$|^embedding_dim$|^projection_dim$|^hidden_sizes$|^embed_dims?$)", "hidden"),
+    (r"^(num_groups|norm_num_groups)$", "groups"),
     (r"vocab_size", "vocab"),
     (r"(token_id|token_index)$", "token"),
     (r"(max_position_embeddings|^n_positions$|^max_seq_len$|^n_ctx$|^context_length$|_positions$|^max_pos_emb$)",
@@ -78,7 +82,8 @@ _NO_TOUCH = {"num_labels", "num_channels", "type_vocab_size", "layer_norm_eps", 
 
 # classes whose None default the rule replaces: kv heads (None: as many as heads), top-k, head dim
 _NONE_DEFAULTS = {"kv_heads": lambda ctx: ctx.get("heads_new"), "top_k": lambda ctx: TOP_K,
-                  "head_dim": lambda ctx: HEAD_DIM if ctx.get("heads_new") else None}
+                  "head_dim": lambda ctx: HEAD_DIM if ctx.get("heads_new") else None,
+                  "vocab": lambda ctx: VOCAB}
 
 
 def classify(name: str) -> str | None:
@@ -137,6 +142,8 @@ def _scalar(cls: str, v, ctx: dict):
         return FFN if v > 0 else v
     if cls == "hidden":
         return HIDDEN if v > 0 else v
+    if cls == "groups":  # of a group norm: they divide the shrunk widths
+        return min(v, HEADS)
     if cls == "vocab":
         return min(v, VOCAB)
     if cls == "token":
@@ -183,8 +190,11 @@ def _layer_keys(v: dict, n: int) -> list:
     return [keys.get(i) for i in range(n)]
 
 
-def _keep(per_layer: list[list], n: int) -> list[int]:
-    """The layers kept: the first, then the one that adds the most kinds not seen yet (the earliest on ties)."""
+def _keep(per_layer: list[list], n: int, target: int = LAYERS) -> list[int]:
+    """The layers kept: the first, then the one that adds the most kinds not seen yet (the earliest on ties);
+    more than :data:`LAYERS` (layer parts kept summing): the first ``target``."""
+    if target > LAYERS:
+        return list(range(min(target, n)))
     kept = [0]
     seen = {(j, repr(lst[0])) for j, lst in enumerate(per_layer)}
     while len(kept) < min(LAYERS, n):
@@ -204,7 +214,8 @@ def _shrink_dict(d: dict, ctx: dict) -> dict:
                  and k not in all_layers and not isinstance(v[0], dict)}
     by_layer = {k: v for k, v in d.items() if n and _is_layer_keyed(v, n)}  # per_layer_config: {"05": {...}}
     virtual = [[repr(v.get(key)) for key in _layer_keys(v, n)] for v in by_layer.values()]
-    kept = _keep(list(per_layer.values()) + virtual, n) if per_layer or virtual else list(range(LAYERS))
+    target, parts = rules.layer_target(d, n, LAYERS, classify)
+    kept = _keep(list(per_layer.values()) + virtual, n, target) if per_layer or virtual else list(range(target))
     out = {}
     for k, v in d.items():
         if k.lstrip("_") in _DERIVED:
@@ -217,7 +228,7 @@ def _shrink_dict(d: dict, ctx: dict) -> dict:
         elif isinstance(v, dict) and not k.startswith("_") and k not in ("id2label", "label2id"):
             out[k] = v if "rope" in k else _shrink_dict(v, local)  # rope dicts: after the head dims, below
         elif k in all_layers:
-            out[k] = type(v)(range(LAYERS))
+            out[k] = type(v)(range(target))
         elif k in per_layer:
             kept_values = [v[i] for i in kept]
             cls = classify(k)
@@ -229,36 +240,23 @@ def _shrink_dict(d: dict, ctx: dict) -> dict:
             out[k] = type(v)(remapped or [LAYERS - 1])
         else:
             out[k] = _value(k, v, local)
-    _keep_equal_head_dims(d, out)
-    _ssm_width(out)
+    for k in parts:
+        out[k] = parts[k]
+    for k in d:  # layer counts follow the parts; a count of all the layers (shared, dense, ...) stays all
+        if (parts and classify(k) == "layers" or classify(k) == "few" and k not in parts) and n and d[k] == n:
+            out[k] = target
+    rules.keep_equal_head_dims(d, out, classify)
+    overrides = [(d[k][key], new) for k in by_layer for key, new in zip([key for key in _layer_keys(d[k], n)
+                 if key in d[k] and _layer_keys(d[k], n).index(key) in kept], out[k].values())]
+    rules.keep_sums(d, out, classify, overrides)
+    rules.keep_list_relations(d, out)
+    rules.keep_within_positions(d, out, classify)
+    rules.fill_experts(out, EXPERTS)
+    rules.ssm_width(out)
     for k, v in d.items():
         if isinstance(v, dict) and "rope" in k:
             out[k] = _shrink_rope(v, d, out)
     return out
-
-
-def _keep_equal_head_dims(old: dict, new: dict) -> None:
-    """Head dims that were equal stay equal (MLA: ``head_dim == qk_rope_head_dim``); ``qk_head_dim`` stays the sum."""
-    dims = [k for k in old if classify(k) in ("head_dim", "rope_dim") and _int(old[k]) and _int(new[k])]
-    for k in dims:
-        same = [j for j in dims if old[j] == old[k]]
-        low = min(new[j] for j in same)
-        for j in same:
-            new[j] = low
-    if all(_int(new.get(k)) for k in ("qk_head_dim", "qk_nope_head_dim", "qk_rope_head_dim")):
-        new["qk_head_dim"] = new["qk_nope_head_dim"] + new["qk_rope_head_dim"]
-
-
-def _ssm_width(d: dict) -> None:
-    """State-space heads x head dim = expand x hidden (Mamba-2 style layers), and d_ssm their product."""
-    for pre in ("", "mamba_"):
-        heads = next((k for k in (f"{pre}n_heads", f"{pre}num_heads") if _int(d.get(k))), None)
-        dim = next((k for k in (f"{pre}d_head", f"{pre}head_dim", f"{pre}headdim") if _int(d.get(k))), None)
-        expand, hidden = d.get(f"{pre}expand"), d.get("hidden_size")
-        if heads and dim and _int(expand) and _int(hidden):
-            d[heads] = max(1, expand * hidden // d[dim])
-            if _int(d.get(f"{pre}d_ssm")):
-                d[f"{pre}d_ssm"] = d[heads] * d[dim]
 
 
 def _head_dim(d: dict) -> int | None:
@@ -294,13 +292,15 @@ def shrink_dict(d: dict) -> dict:
     """The rule on a config dict (``config.to_dict()``); a new dict."""
     ctx = {"token_map": {}}
     out = _shrink_dict(d, ctx)
+    rules.keep_equal_sizes(d, out, rules.hidden_map(d, out, classify))
     return out
 
 
 def shrink(config):
     """A new config of the same class, shrunk by the rule (the constructor validates it)."""
-    d = shrink_dict(config.to_dict())
+    original = config.to_dict()
+    d = shrink_dict(original)
     for key in ("transformers_version", "architectures", "_name_or_path"):
         d.pop(key, None)
     d["dtype"] = "float32"
-    return type(config).from_dict(d)
+    return rules.construct(type(config), d, original, LAYERS)
