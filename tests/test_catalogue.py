@@ -108,6 +108,18 @@ def test_oracle_target_follows_post_norms_and_unions():
     assert oracle_target("block.drop#1", calls, modules, params, leaves) == (("block.drop", 1), "")
 
 
+def _recorded(net_cls):
+    """A seeded double-precision ``net_cls()``, an input, and what ``oracle_target`` reads of one eager forward."""
+    torch.manual_seed(0)
+    net = net_cls().double()
+    x = torch.randn(2, 3, 8, dtype=torch.double)
+    calls = record_calls(net, {"x": x})
+    modules = {n for n, _ in net.named_modules()}
+    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
+    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
+    return net, x, (calls, modules, params, leaves)
+
+
 class _SharedLayer(nn.Module):
     def __init__(self, d=8):
         super().__init__()
@@ -139,13 +151,7 @@ def test_oracle_maps_each_call_of_a_shared_layer_to_that_call():
 
     import dropbp_fx
 
-    torch.manual_seed(0)
-    net = SharedLayerNet().double()
-    x = torch.randn(2, 3, 8, dtype=torch.double)
-    calls = record_calls(net, {"x": x})
-    modules = {n for n, _ in net.named_modules()}
-    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
-    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
+    net, x, (calls, modules, params, leaves) = _recorded(SharedLayerNet)
     assert oracle_target("layer.attn", calls, modules, params, leaves) == (("layer.attn", 0), "")
     assert oracle_target("layer.attn#1", calls, modules, params, leaves) == (("layer.attn", 1), "")
     assert oracle_target("layer.{ffn,ffn_output}#1", calls, modules, params, leaves) == (("layer.ffn_output", 1), "")
@@ -205,13 +211,7 @@ def test_oracle_maps_two_gates_of_one_call_to_its_two_outputs():
     detaches that output alone (the reference detaches it by hand)."""
     from tests.oracle import detached, grads
 
-    torch.manual_seed(0)
-    net = TwoStreamNet().double()
-    x = torch.randn(2, 3, 8, dtype=torch.double)
-    calls = record_calls(net, {"x": x})
-    modules = {n for n, _ in net.named_modules()}
-    params = {n for n, m in net.named_modules() if any(True for _ in m.parameters())}
-    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
+    net, x, (calls, modules, params, leaves) = _recorded(TwoStreamNet)
     names = ["attn", "attn#1"]
     assert oracle_target("attn", calls, modules, params, leaves, names) == (("attn", 0, 0), "")
     assert oracle_target("attn#1", calls, modules, params, leaves, names) == (("attn", 0, 1), "")
