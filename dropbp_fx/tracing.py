@@ -25,17 +25,36 @@ SETTINGS = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
 
 
 def traced_with_our_settings(call):
-    """``call`` (a compiled model's call), run with :data:`SETTINGS` in force."""
+    """``call`` (a compiled model's call), run with :data:`SETTINGS` in force. It runs every forward: the
+    settings are swapped by attribute (about 1 us), not through ``config.patch`` (about 40 us)."""
     if getattr(call, "_dropbp_settings", False):
         return call
+    config = torch._dynamo.config
 
     @functools.wraps(call)
     def run(*args, **kwargs):
-        with torch._dynamo.config.patch(SETTINGS):
+        saved = {k: getattr(config, k) for k in SETTINGS}
+        for k, v in SETTINGS.items():
+            setattr(config, k, v)
+        try:
             return call(*args, **kwargs)
+        finally:
+            for k, v in saved.items():
+                setattr(config, k, v)
 
     run._dropbp_settings = True
     return run
+
+
+def compile_in_place(owner: str, model: nn.Module, backend) -> None:
+    """``model.compile(backend=...)`` traced under :data:`SETTINGS`: the module stays itself (its state dict and
+    ``save_pretrained`` keep their names). A model compiled already is refused: ``owner`` must compile it with
+    its own backend."""
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise ValueError(f"{owner}: the model is already compiled (model.compile(...)); pass the uncompiled model "
+                         f"and let {owner} compile it")
+    model.compile(backend=backend)
+    model._compiled_call_impl = traced_with_our_settings(model._compiled_call_impl)
 
 
 def compile(model: nn.Module, backend=None, **options):  # noqa: A001 - torch.compile's spelling, on purpose
@@ -52,9 +71,5 @@ def compile(model: nn.Module, backend=None, **options):  # noqa: A001 - torch.co
     if backend is not None and options:
         raise ValueError("dropbp_fx.compile: pass either a DropBP as backend or its options, not both")
     dbp = backend if backend is not None else DropBP(**options)
-    if getattr(model, "_compiled_call_impl", None) is not None:
-        raise ValueError("dropbp_fx.compile: the model is already compiled (model.compile(...)); pass the "
-                         "uncompiled model")
-    model.compile(backend=dbp)
-    model._compiled_call_impl = traced_with_our_settings(model._compiled_call_impl)
+    compile_in_place("dropbp_fx.compile", model, dbp)
     return dbp

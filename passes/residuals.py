@@ -266,8 +266,7 @@ def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tupl
 
 def _is_broadcast_view(node: fx.Node) -> bool:
     """A view that only reshapes its input for a product (``unsqueeze``, ``view``, ``expand``)."""
-    return node.op in ("call_method", "call_function") and node.target is not operator.getitem \
-        and bool(node.args) and isinstance(node.args[0], fx.Node) and bool(views.view_bases(node))
+    return node.target is not operator.getitem and bool(views.view_bases(node))
 
 
 _MULS = {operator.mul, torch.mul, torch.Tensor.mul}

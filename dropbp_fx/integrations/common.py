@@ -10,7 +10,7 @@ from torch import nn
 from dropbp_fx.calibrate import METHODS, calibration_step  # noqa: F401 (calibration_step: shared)
 from dropbp_fx.config import DropBPConfig, check_rate
 from dropbp_fx.reports import DropBPWarning
-from dropbp_fx.tracing import traced_with_our_settings
+from dropbp_fx.tracing import compile_in_place  # noqa: F401 (shared by the callbacks)
 
 
 def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, options: dict) -> DropBPConfig:
@@ -47,17 +47,6 @@ def check_first_step(owner: str, dbp, on_no_gates: str) -> bool:
         raise RuntimeError(why)
     warnings.warn(why, DropBPWarning, stacklevel=3)
     return False
-
-
-def compile_in_place(owner: str, model: nn.Module, backend) -> None:
-    """``model.compile(backend=...)``: the module stays itself (its state dict and ``save_pretrained`` keep their
-    names). A model compiled already is refused: the integration must compile it with its own backend."""
-    if getattr(model, "_compiled_call_impl", None) is not None:
-        raise ValueError(f"{owner}: the model is already compiled (model.compile(...)); pass the uncompiled model "
-                         "and let the callback compile it")
-    model.compile(backend=backend)
-    # Dynamo's settings for checkpointed layers (gradient checkpointing on: the gates go inside), while it traces
-    model._compiled_call_impl = traced_with_our_settings(model._compiled_call_impl)
 
 
 class DropStats:

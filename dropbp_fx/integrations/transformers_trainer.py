@@ -99,13 +99,11 @@ class DropBPCallback(TrainerCallback, ExportableState):
             self.gated = check_first_step("DropBPCallback", self.dropbp, self.options["on_no_gates"])
         if self._hook is None or self._batch is None:
             return
-        if not self.gated:  # warned: training goes on without DropBP, nothing to calibrate
-            self._hook.remove()
-            self._hook, self._batch = None, None
-            return
         self._hook.remove()
         self._hook = None
         batch, self._batch = self._batch, None
+        if not self.gated:  # warned: training goes on without DropBP, nothing to calibrate
+            return
         self.calibration = calibrate(self._model, lambda: loss_of(self._model(**batch), "DropBPCallback"),
                                      target=self.options["drop_rate"], method=self.options["calibrate"])
         self.calibrated = True
