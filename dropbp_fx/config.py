@@ -51,6 +51,11 @@ def _check_inner(key, value) -> None:
                          f"callable; got {value!r}")
 
 
+def _check_bool(key, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be True or False, got {value!r}")
+
+
 def _option(default, help: str, check: Callable, shown: str | None = None):
     return field(default=default, metadata={"help": help, "check": check, "shown": shown})
 
@@ -74,6 +79,9 @@ class DropBPConfig:
                                                 "name, or a compiler callable: what compiles the trunk segments and "
                                                 "the branches", _check_inner,
                                     shown="`'inductor'` (the fastest on CPU, see Benchmarks)")
+    recompute: bool = _option(False, "`True`: every kept branch stores no activations and runs its forward again in "
+                                     "backward (per-gate activation checkpointing; the mask is the forward's)",
+                              _check_bool)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -13,20 +13,28 @@ Whether a gate is closed is decided per step, outside the graph, by a controller
 parameters, counts): ``controller.register(name, params) -> slot`` once, ``controller.is_dropped(slot)``
 on every call. While a calibration records (``controller.recording()``), the gate also reads the
 gradients at its stream input and its output (see :mod:`dropbp_fx.probe`).
+
+``recompute=True`` (:class:`~dropbp_fx.DropBPConfig`): an open gate runs its branch under non-reentrant
+``torch.utils.checkpoint`` (RNG state preserved: dropout replays), so the branch stores only its inputs and
+runs ``run_open`` again in backward. The recompute calls ``run_open`` directly, never this gate, so it asks
+the controller nothing: the mask of the step is the forward's. Inside a checkpointed region (which recomputes
+the branch already) the gate runs as without ``recompute``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
+from dropbp_fx.checkpoint import inside_region
 from dropbp_fx.probe import record_grad
 
 
 class DropGate(nn.Module):
     """Calls ``branch`` with autograd on when open, off when closed. Always returns a tuple."""
 
-    def __init__(self, branch: nn.Module, name: str, controller, params=()) -> None:
+    def __init__(self, branch: nn.Module, name: str, controller, params=(), recompute: bool = False) -> None:
         super().__init__()
         self.branch = branch
         self.gate_name = name
@@ -35,6 +43,7 @@ class DropGate(nn.Module):
         # What runs for an open / a closed gate; an inner compiler may replace either.
         self.run_open = branch
         self.run_closed = branch
+        self.recompute = recompute  # an open branch stores nothing and runs again in backward
         self.stream_arg: int | None = None  # which argument is the residual stream (for calibration probes)
         # A graph Dynamo compiled for one layer's frame is reused for every identical layer: the gate
         # then tells layers apart by a parameter it receives (argument ``anchor``), naming each with
@@ -66,7 +75,11 @@ class DropGate(nn.Module):
             # Outputs made under no_grad may be views; a later in-place add with grad on
             # (``mlp_out += attn_out``) is refused on such views, so hand out plain tensors.
             return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
-        outputs = self.run_open(*args)
+        if self.recompute and self.training and torch.is_grad_enabled() and not inside_region():
+            outputs = torch.utils.checkpoint.checkpoint(self.run_open, *args, use_reentrant=False,
+                                                        preserve_rng_state=True)
+        else:
+            outputs = self.run_open(*args)
         if probing:  # the gradient the stream carries at the add
             outputs = (record_grad(outputs[0], recorder, slot, "out"), *outputs[1:])
         return outputs
@@ -79,4 +92,4 @@ class DropGate(nn.Module):
         return slot
 
     def extra_repr(self) -> str:
-        return f"name={self.gate_name!r}, slot={self.slot}"
+        return f"name={self.gate_name!r}, slot={self.slot}" + (", recompute=True" if self.recompute else "")

@@ -151,10 +151,11 @@ def gate_branches(job: GraphJob) -> bool:
     shapes.propagate_shapes(job.gm, job.example_inputs)
     names, values = job.parameter_names, shapes.placeholder_values(job.gm, job.example_inputs)
     controller = job.dbp.controller
+    recompute = getattr(getattr(job.dbp, "options", None), "recompute", False)
 
     def make_gate(sub_gm, branch):
         params = naming.branch_parameters(job.gm, branch.inputs, sub_gm, values, names)
-        return DropGate(sub_gm, branch.name, controller, [name for _, name, _ in params])
+        return DropGate(sub_gm, branch.name, controller, [name for _, name, _ in params], recompute=recompute)
 
     gate_residual_branches(job.gm, job.analysis.branches, make_gate)
     for call, gate in job.gate_calls():

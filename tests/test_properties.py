@@ -189,11 +189,13 @@ masks = st.one_of(
 )
 
 
-def make_dropbp(mask_spec, keep_one_open) -> dropbp_fx.DropBP:
+def make_dropbp(mask_spec, keep_one_open, recompute=False) -> dropbp_fx.DropBP:
     if mask_spec[0] == "drawn":
         _, rate, policy, seed = mask_spec
-        return dropbp_fx.DropBP(drop_rate=rate, policy=policy, seed=seed, keep_one_open=keep_one_open, inner="eager")
-    return dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", keep_one_open=keep_one_open, inner="eager")
+        return dropbp_fx.DropBP(drop_rate=rate, policy=policy, seed=seed, keep_one_open=keep_one_open, inner="eager",
+                                recompute=recompute)
+    return dropbp_fx.DropBP(drop_rate=0.5, policy="bernoulli", keep_one_open=keep_one_open, inner="eager",
+                            recompute=recompute)
 
 
 def force(dbp, mask_spec) -> None:
@@ -225,14 +227,14 @@ def dynamo_capture(module: nn.Module, inputs, then=None):
 
 
 def check_everything(spec: rn.NetSpec, mask_spec=("drawn", 0.5, "topup", 0), keep_one_open="auto", steps=2,
-                     detection=True):
+                     detection=True, recompute=False):
     """Detection on symbolic_trace, the rewrite and the gradients, for one network."""
     net, truth = rn.build(spec)
     if detection:
         analysis = find_residual_branches(torch.fx.symbolic_trace(net))
         assert found(analysis) == expected(truth), explain(analysis)
 
-    dbp = make_dropbp(mask_spec, keep_one_open)
+    dbp = make_dropbp(mask_spec, keep_one_open, recompute)
     sut, gm = fx_transform(net, dbp)
     truth = gated(net, truth)
     assert set(dbp.gate_names) == truth.gated_names
@@ -255,16 +257,16 @@ def test_detection_symbolic_trace(spec):
 
 
 @settings(max_examples=budget(150), **SETTINGS)
-@given(rn.net_specs(max_blocks=MAX_BLOCKS), masks, st.sampled_from(["auto", True, False]))
-def test_transform_forward_and_gradients(spec, mask_spec, keep_one_open):
-    check_everything(spec, mask_spec, keep_one_open)
+@given(rn.net_specs(max_blocks=MAX_BLOCKS), masks, st.sampled_from(["auto", True, False]), st.booleans())
+def test_transform_forward_and_gradients(spec, mask_spec, keep_one_open, recompute):
+    check_everything(spec, mask_spec, keep_one_open, recompute=recompute)
 
 
 @settings(max_examples=budget(20, 0.05), **SETTINGS)
-@given(rn.net_specs(max_blocks=3 if not FUZZ else MAX_BLOCKS), masks)
-def test_dynamo_detection_and_gradients(spec, mask_spec):
+@given(rn.net_specs(max_blocks=3 if not FUZZ else MAX_BLOCKS), masks, st.booleans())
+def test_dynamo_detection_and_gradients(spec, mask_spec, recompute):
     net, truth = rn.build(spec)
-    dbp = make_dropbp(mask_spec, "auto")
+    dbp = make_dropbp(mask_spec, "auto", recompute)
     sut, ref = copy.deepcopy(net), copy.deepcopy(net)
     inputs = net.inputs(seed=0)
     # the first call compiles; its analysis is of the Dynamo graph, before the gates go in
@@ -278,16 +280,17 @@ def test_dynamo_detection_and_gradients(spec, mask_spec):
     torch._dynamo.reset()
 
 
-@settings(max_examples=budget(8, 0.01), **SETTINGS)
+@settings(max_examples=budget(10, 0.01), **SETTINGS)
 @given(rn.net_specs(max_blocks=2 if not FUZZ else MAX_BLOCKS), st.sampled_from(INNERS),
-       st.sampled_from([0.25, 0.5, 0.75]), st.integers(0, 1000))
-def test_inner_compilers_gradients(spec, inner, rate, seed):
-    """The compiled pieces (trunk segments, both variants of each branch) against the oracle, over 3 drawn masks.
+       st.sampled_from([0.25, 0.5, 0.75]), st.integers(0, 1000), st.booleans())
+def test_inner_compilers_gradients(spec, inner, rate, seed, recompute):
+    """The compiled pieces (trunk segments, both variants of each branch) against the oracle, over 3 drawn masks;
+    ``recompute`` drawn too (the open variant run under per-gate checkpointing).
 
     float64, so the tolerance is that of the inner compiler's reordering, not of float32.
     """
     check_compiled(spec, dropbp_fx.DropBP(drop_rate=rate, policy="bernoulli", seed=seed, keep_one_open=True,
-                                          inner=inner))
+                                          inner=inner, recompute=recompute))
 
 
 def check_compiled(spec: rn.NetSpec, dbp, mask_spec=None) -> None:
