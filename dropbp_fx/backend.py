@@ -46,9 +46,9 @@ class DropBP:
     >>> dbp.gate_names, dbp.last_mask, dbp.step
     """
 
-    def __init__(self, drop_rate: float = 0.5, *, seed: int = 0, policy: str = "topup",
-                 keep_one_open: bool | str = "auto", inner="inductor") -> None:
-        self._setup(DropBPConfig(drop_rate, seed, policy, keep_one_open, inner))
+    def __init__(self, drop_rate: float = 0.5, **options) -> None:
+        """``options``: the other fields of :class:`~dropbp_fx.DropBPConfig` (seed, policy, inner, schedule, ...)."""
+        self._setup(DropBPConfig.from_options({"drop_rate": drop_rate, **options}))
 
     @classmethod
     def from_config(cls, config: DropBPConfig) -> DropBP:
@@ -58,7 +58,10 @@ class DropBP:
         return dbp
 
     def _setup(self, config: DropBPConfig) -> None:
+        self.options = config  # as given; the controller owns what the masks depend on
         self.inner = config.inner
+        self.calibrations: list = []  # (step, dropbp_fx.Calibration) of every calibration, in order
+        self.optimizer_links: list = []  # dropbp_fx.optim.OptimizerLink per attached optimizer
         self.controller = DropController.from_config(config)  # owns the gates, rates, seed, policy and step
         self.graphs: list[GraphRecord] = []
         self.weights: dict[str, int] = {}  # gate name -> parameter elements of its branch
@@ -73,8 +76,8 @@ class DropBP:
     def config(self) -> dict:
         """The options in force (the controller's after ``load_state_dict``)."""
         c = self.controller
-        return dict(drop_rate=c.drop_rate, seed=c.seed, policy=c.policy, keep_one_open=c.keep_one_open,
-                    inner=self.inner)
+        return {**self.options.as_dict(), **dict(drop_rate=c.drop_rate, seed=c.seed, policy=c.policy,
+                                                 keep_one_open=c.keep_one_open, total_steps=c.schedule.total_steps)}
 
     def model(self):
         """The compiled model (None for a hand-traced graph or a compiled function)."""
@@ -167,6 +170,22 @@ class DropBP:
         self._refuse_rates_under_ddp(rates.values() if isinstance(rates, dict) else
                                      [rates] if isinstance(rates, (int, float)) else rates)
         self.controller.set_rates(rates)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length in optimizer steps, for the ramp schedules (the callbacks set ``max_steps``)."""
+        self.controller.schedule.total_steps = int(total_steps)
+        self.controller._mask = []  # redraw the current step with it
+
+    def attach_optimizer(self, optimizer):
+        """Apply ``optimizer_mode`` to ``optimizer``'s steps (:mod:`dropbp_fx.optim`); returns the link (its
+        ``remove()`` detaches it). The Trainer and Lightning callbacks attach theirs."""
+        from dropbp_fx.optim import OptimizerLink
+
+        if any(link.optimizer is optimizer for link in self.optimizer_links):
+            return next(link for link in self.optimizer_links if link.optimizer is optimizer)
+        link = OptimizerLink(self, optimizer, self.options.optimizer_mode, self.options.lr_scale_cap)
+        self.optimizer_links.append(link)
+        return link
 
     def state_dict(self) -> dict:
         return self.controller.state_dict()

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from dropbp_fx.allocate import allocate_rates
+from dropbp_fx.auto import choose_target
 from dropbp_fx.discovery import get_dropbp
 from dropbp_fx.rng import same_randomness
 from dropbp_fx.distributed import ddp_of, model_of
@@ -186,26 +187,48 @@ def _mean_over_ranks(sens: dict[str, float], ddp) -> dict[str, float]:
 
 
 def calibrate(compiled, batch_or_closure, target: float = 0.75, *, method: str = "fast",
-              allocator: str = "optimal", min_rate: float = 0.0, max_rate: float = 0.95) -> Calibration:
+              allocator: str = "optimal", min_rate: float = 0.0, max_rate: float = 0.95,
+              more_batches=()) -> Calibration:
     """Measure sensitivities, allocate per-gate rates for ``target`` and apply them; returns the table.
+
+    ``more_batches``: further batches (or closures); the sensitivities are the mean over all of them. Every
+    calibration is recorded in ``get_dropbp(compiled).calibrations`` as ``(step, table)``.
 
     Under ``DistributedDataParallel``, call it on every rank (``CalibrationSchedule`` does, at the same step):
     the sensitivities are averaged over the ranks, so that every rank gets the same rates and masks.
     """
     dbp = get_dropbp(compiled)
     sens, passes = sensitivities(compiled, batch_or_closure, method)
+    for more in more_batches:
+        extra, more_passes = sensitivities(compiled, more, method)
+        sens = {name: value + extra[name] for name, value in sens.items()}
+        passes += more_passes
+    sens = {name: value / (1 + len(more_batches)) for name, value in sens.items()}
     sens = _mean_over_ranks(sens, ddp_of(compiled))
     gates = dbp.controller.gates
     missing = [g.name for g in gates if not g.flops]
     flops = [g.flops[1] if g.flops else 1.0 for g in gates]
     if missing:
         log.warning("dropbp: no FLOPs for %s (no shapes in the graph); counting them as equal", missing)
-    rates = allocate_rates([sens[g.name] for g in gates], flops, target, method=allocator,
-                           min_rate=min_rate, max_rate=max_rate)
+    values = [sens[g.name] for g in gates]
+
+    def allocate(t: float) -> list[float]:
+        return allocate_rates(values, flops, t, method=allocator, min_rate=min_rate, max_rate=max_rate)
+
+    chosen = None
+    if target == "auto":  # dropbp_fx.auto: the target of the most progress per second, from this run's figures
+        target, rates, chosen = choose_target(values, flops, list(dbp.controller.step_times), allocate,
+                                              floor=min_rate, ceiling=min(max_rate, 0.9))
+        log.info("dropbp: auto target %.2f (step time %.3f s - %.3g s per dropped backward FLOP)", target,
+                 chosen["a"], chosen["b"])
+    else:
+        rates = allocate(target)
     dbp.set_rates({g.name: r for g, r in zip(gates, rates)})
     total = sum(flops)
     table = Calibration(CalibrationRow(g.name, f / total, sens[g.name], r) for g, f, r in zip(gates, flops, rates))
     table.method, table.backward_passes, table.target = method, passes, target
+    table.auto = chosen
+    dbp.calibrations.append((dbp.step, table))
     log.info("dropbp: calibrated %d gates (%s, %d backward passes) for target %.3f", len(gates), method, passes,
              target)
     return table
@@ -219,7 +242,9 @@ def calibration_step(fraction: float, total_steps: int) -> int:
 
 
 class CalibrationSchedule:
-    """Calibrate once, at ``fraction`` of ``total_steps`` (10% by default, as the paper does).
+    """Calibrate at ``fraction`` of ``total_steps`` (10% by default, as the paper does), then, with ``every``,
+    again every ``every`` steps; with ``batches`` > 1 each calibration averages the sensitivities of the last
+    ``batches`` batches seen (``history`` lists ``(step, table)`` of each).
 
     Call :meth:`step` once per training step with that step's batch (or a loss closure)::
 
@@ -230,14 +255,33 @@ class CalibrationSchedule:
     """
 
     def __init__(self, compiled, total_steps: int, *, target: float = 0.75, fraction: float = 0.1,
-                 method: str = "fast", **kwargs) -> None:
+                 method: str = "fast", every: int | None = None, batches: int = 1, **kwargs) -> None:
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"CalibrationSchedule every must be None or a positive int (steps), got {every!r}")
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"CalibrationSchedule batches must be a positive int, got {batches!r}")
         self.compiled, self.at = compiled, calibration_step(fraction, total_steps)
         self.target, self.method, self.kwargs = target, method, kwargs
+        self.every, self.batches = every, batches
         self.steps, self.result = 0, None
+        self.history: list[tuple[int, Calibration]] = []
+        self._recent: list = []
+
+    def due(self) -> bool:
+        """Does the next :meth:`step` calibrate?"""
+        if self.steps < max(1, self.at):
+            return False
+        if self.result is None:
+            return True
+        return self.every is not None and (self.steps - self.history[-1][0]) >= self.every
 
     def step(self, batch_or_closure) -> Calibration | None:
-        if self.result is None and self.steps >= self.at and self.steps > 0:
-            self.result = calibrate(self.compiled, batch_or_closure, self.target, method=self.method, **self.kwargs)
+        """Calibrate if due (on this batch and the ``batches - 1`` before it); returns the latest table."""
+        self._recent = (self._recent + [batch_or_closure])[-self.batches:]
+        if self.due():
+            self.result = calibrate(self.compiled, self._recent[-1], self.target, method=self.method,
+                                    more_batches=self._recent[:-1], **self.kwargs)
+            self.history.append((self.steps, self.result))
         self.steps += 1
         return self.result
 
@@ -251,16 +295,20 @@ class CalibrationSchedule:
             "rows": [(r.gate, r.flops_share, r.sensitivity, r.rate) for r in self.result],
             "method": self.result.method, "backward_passes": self.result.backward_passes,
             "target": self.result.target}
-        return {"steps": self.steps, "at": self.at, "result": result}
+        return {"steps": self.steps, "at": self.at, "result": result, "every": self.every,
+                "history_steps": [step for step, _ in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.at = int(state["steps"]), int(state["at"])
+        self.every = state.get("every", self.every)
         self.result = None
         if state["result"] is not None:
             saved = state["result"]
             self.result = Calibration(CalibrationRow(*row) for row in saved["rows"])
             self.result.method, self.result.backward_passes = saved["method"], saved["backward_passes"]
             self.result.target = saved["target"]
+            steps = state.get("history_steps") or [self.at]
+            self.history = [(step, self.result) for step in steps[-1:]]  # the tables before the last are not kept
 
 
 METHODS.update({"fast": Method(_fast, records=True, passes=lambda gates: 1),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 POLICIES = ("topup", "bernoulli")
+OPTIMIZER_MODES = ("none", "zero", "lr_scale")
 NAMED_INNER = ("eager", "aot_eager", "inductor")  # tested in CI; any other Dynamo backend name or callable works too
 
 
@@ -51,6 +52,32 @@ def _check_inner(key, value) -> None:
                          f"callable; got {value!r}")
 
 
+def _check_schedule(key, value) -> None:
+    from dropbp_fx.schedules import check_schedule
+
+    check_schedule(key, value)
+
+
+def _check_total_steps(key, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{key} must be None or a positive int (the run's optimizer steps), got {value!r}")
+
+
+def _check_fraction(key, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{key} must be a fraction of training in (0, 1], got {value!r}")
+
+
+def _check_optimizer_mode(key, value) -> None:
+    if value not in OPTIMIZER_MODES:
+        raise ValueError(f"{key} must be one of {OPTIMIZER_MODES}, got {value!r}")
+
+
+def _check_cap(key, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1.0:
+        raise ValueError(f"{key} must be a number >= 1 (the largest learning-rate scale), got {value!r}")
+
+
 def _check_bool(key, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be True or False, got {value!r}")
@@ -82,6 +109,22 @@ class DropBPConfig:
     recompute: bool = _option(False, "`True`: every kept branch stores no activations and runs its forward again in "
                                      "backward (per-gate activation checkpointing; the mask is the forward's)",
                               _check_bool)
+
+    schedule: str | Callable = _option("constant", "`'constant'`, `'ramp_up'` (PLD-style), `'ramp_down'` (to 0 "
+                                                   "over the last `ramp` of training), `'ramp_up_down'` or a "
+                                                   "callable step -> rate multiplier", _check_schedule)
+    total_steps: int | None = _option(None, "int: the run's optimizer steps, for the ramps (the callbacks set "
+                                            "it from max_steps)", _check_total_steps)
+    ramp: float = _option(0.2, "fraction of training each ramp takes", _check_fraction)
+    min_rate: float = _option(0.0, "float: no scheduled gate rate below this (a gate whose rate is 0 stays "
+                                   "open)", lambda k, v: check_rate(k, v))
+    max_rate: float = _option(0.95, "float: no scheduled gate rate above this", lambda k, v: check_rate(k, v))
+    optimizer_mode: str = _option("none", "how a dropped branch's parameters meet the optimizer attached with "
+                                          "`attach_optimizer` (the callbacks attach theirs): `'none'` = no "
+                                          "gradient (AdamW skips them), `'zero'` = a zero gradient, "
+                                          "`'lr_scale'` = kept branches' updates scaled by 1/(1 - rate)",
+                                  _check_optimizer_mode)
+    lr_scale_cap: float = _option(4.0, "float >= 1: the largest `lr_scale` factor", _check_cap)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

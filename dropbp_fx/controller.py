@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 
 from dropbp_fx.config import POLICIES, DropBPConfig, check_rate  # noqa: F401 (re-exported)
 from dropbp_fx.probe import ProbeRecorder
+from dropbp_fx.schedules import Schedule
 
 
 @dataclass
@@ -76,8 +78,9 @@ class DropController:
     """Owns the gates of one model: their rates, the current mask, the step counter and counts."""
 
     def __init__(self, drop_rate: float = 0.5, *, seed: int = 0, policy: str = "topup",
-                 keep_one_open: bool | str = "auto", history: int = 100_000) -> None:
+                 keep_one_open: bool | str = "auto", history: int = 100_000, schedule: Schedule | None = None) -> None:
         self.drop_rate = drop_rate
+        self.schedule = schedule or Schedule()  # the gates' rates, scaled per step
         self.seed = seed
         self.policy = policy
         self.keep_one_open = keep_one_open
@@ -91,6 +94,8 @@ class DropController:
         self._trainable: tuple[tuple[int, int], list[int]] | None = None  # (cache key, trainable gate slots)
         self.trunk_inputs_train = False  # set for graphs of compiled functions: a grad input feeds the trunk
         self.history: deque[tuple[int, int]] = deque(maxlen=history)  # (dropped, gates) per step
+        self.step_times: deque[tuple[float, float]] = deque(maxlen=1000)  # (dropped backward FLOPs, seconds)
+        self._step_start: float | None = None
         self._model = None  # weakref to the compiled model: its eval mode turns dropping off
         self._forced: dict[int, bool] | None = None  # a calibration's fixed mask (slot -> dropped): see forcing()
         self._resumed: tuple[int, set[str]] | None = None  # (step, gate names) of a state loaded before any graph
@@ -98,7 +103,9 @@ class DropController:
 
     @classmethod
     def from_config(cls, config: DropBPConfig) -> DropController:
-        return cls(config.drop_rate, seed=config.seed, policy=config.policy, keep_one_open=config.keep_one_open)
+        schedule = Schedule(config.schedule, config.total_steps, config.ramp, config.min_rate, config.max_rate)
+        return cls(config.drop_rate, seed=config.seed, policy=config.policy, keep_one_open=config.keep_one_open,
+                   schedule=schedule)
 
     @contextlib.contextmanager
     def forcing(self, dropped: dict[int, bool]):
@@ -206,9 +213,13 @@ class DropController:
             return not self.trunk_trains()
         return bool(self.keep_one_open)
 
+    def rates_at(self, step: int) -> list[float]:
+        """Each gate's rate at ``step``: its uniform or calibrated rate, scaled by the schedule."""
+        return [self.schedule.rate(g.rate, step) for g in self.gates]
+
     def mask_for(self, step: int) -> list[bool]:
-        """The mask of ``step`` (a pure function of seed, step, names and rates)."""
-        rates = [g.rate for g in self.gates]
+        """The mask of ``step`` (a pure function of seed, step, names, rates and schedule)."""
+        rates = self.rates_at(step)
         uniforms = [uniform(self.seed, step, g.name) for g in self.gates]
         # LoRA on some projections only: a step must keep open one gate that trains, not just any gate
         return draw_mask(rates, uniforms, self.policy, self.keeps_one_open(), self.trainable_gates())
@@ -242,6 +253,11 @@ class DropController:
             if never_ran:
                 raise ValueError(_mismatch_message([], never_ran))
             self._resumed = None
+        now = time.perf_counter()
+        if self._step_start is not None and self._mask:  # the step that ends here: its dropped FLOPs and time
+            dropped = sum(g.flops[1] for g, d in zip(self.gates, self._mask) if d and g.flops)
+            self.step_times.append((float(dropped), now - self._step_start))
+        self._step_start = now
         self._mask = self.mask_for(self.step)
         self.step += 1
         self._used = set()
@@ -258,10 +274,10 @@ class DropController:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Everything the masks depend on: seed, step, policy, keep_one_open and each gate's rate (calibrated
-        rates included). Plain Python values, so ``torch.load(..., weights_only=True)`` reads it back."""
+        """Everything the masks depend on: seed, step, policy, keep_one_open, each gate's rate (calibrated
+        rates included) and the schedule. Plain Python values, so ``torch.load(..., weights_only=True)`` reads it back."""
         return {"seed": self.seed, "step": self.step, "policy": self.policy, "drop_rate": self.drop_rate,
-                "keep_one_open": self.keep_one_open, "rates": self.rates}
+                "keep_one_open": self.keep_one_open, "rates": self.rates, "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``: the next training step draws the mask the saved run would have drawn.
@@ -279,6 +295,8 @@ class DropController:
         self.policy = state["policy"]
         self.drop_rate = float(state["drop_rate"])
         self.keep_one_open = state.get("keep_one_open", self.keep_one_open)
+        if "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
         for name, rate in state["rates"].items():
             self.gates[self.register(name)].rate = float(rate)
         self.step = int(state["step"])
