@@ -24,8 +24,12 @@ of the Dynamo graph. See :class:`Compiled`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+import threading
 import time
+import types
 
 import torch
 import torch.fx as fx
@@ -43,7 +47,7 @@ INNER_COMPILERS = NAMED_INNER  # the inner compilers CI tests; any Dynamo backen
 
 def inner_backend(inner):
     """The ``(gm, example_inputs) -> callable`` compiler for ``inner``: a callable as it is, ``"inductor"`` with the
-    workaround of :func:`tile2d_atomic_add_fix`, any other name through Dynamo's backend registry
+    workarounds of :func:`inductor_workarounds`, any other name through Dynamo's backend registry
     (``torch._dynamo.list_backends(exclude_tags=())``: ``aot_eager``, ``cudagraphs``, a backend a library
     registers)."""
     if callable(inner):
@@ -54,15 +58,119 @@ def inner_backend(inner):
 
 
 def _inductor(gm: fx.GraphModule, example_inputs):
-    """Inductor, with the workaround of :func:`tile2d_atomic_add_fix` in force while it compiles a piece's
+    """Inductor, with the workarounds of :func:`inductor_workarounds` in force while it compiles a piece's
     forward or backward graph (AOTAutograd compiles the backward lazily, through the same ``inner_compile``)."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     def inner_compile(*args, **kwargs):
-        with tile2d_atomic_add_fix():
+        with inductor_workarounds():
             return compile_fx_inner(*args, **kwargs)
 
     return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+
+NO_WORKAROUNDS_ENV = "DROPBP_NO_INDUCTOR_WORKAROUNDS"  # =1: compile our pieces with torch's Inductor as it is
+_WORKAROUND_LOCK = threading.RLock()  # one patched compile at a time (Inductor's module state is process-wide)
+# torch releases whose C++ vectorisation analysis calls sympy.simplify unbounded (pytorch/pytorch#186319):
+# [first, end). 2.13 is the newest release checked (a 2.14 pre-release counts as before 2.14); move the end
+# after checking a newer release.
+SIMPLIFY_AFFECTED = ("2.3", "2.14")
+CACHE_KEY_TAG = "dropbp-inductor-workarounds-1"  # our patched compiles' FX-graph / AOTAutograd cache entries
+
+
+def workarounds_enabled() -> bool:
+    return os.environ.get(NO_WORKAROUNDS_ENV, "") in ("", "0")
+
+
+@contextlib.contextmanager
+def inductor_workarounds():
+    """Every Inductor workaround of ours, for the compiles in this block only (under a lock), unless
+    ``DROPBP_NO_INDUCTOR_WORKAROUNDS=1``: :func:`tile2d_atomic_add_fix` and :func:`simplify_by_expand`.
+
+    Inductor's FX-graph and AOTAutograd caches key an artifact by the graph, inputs and configs, not by patched
+    functions; so that an artifact compiled under our patches is never served to the user's own
+    ``torch.compile`` of the same graph (nor theirs to us), our compiles run with ``torch.compiler.config.
+    cache_key_tag`` extended by :data:`CACHE_KEY_TAG` (both kinds of artifact are correct code; they may
+    vectorise differently)."""
+    if not workarounds_enabled():
+        yield
+        return
+    tag = torch.compiler.config.cache_key_tag
+    with _WORKAROUND_LOCK, torch.compiler.config.patch(cache_key_tag=f"{tag}+{CACHE_KEY_TAG}" if tag else CACHE_KEY_TAG), \
+            tile2d_atomic_add_fix(), simplify_by_expand():
+        yield
+
+
+def _simplify_affected() -> bool:
+    first, end = SIMPLIFY_AFFECTED
+    return first <= torch.__version__ < end  # a TorchVersion: compared as versions
+
+
+_SIMPLIFY_NAMES = ("stride_at", "simplify_index_in_vec_range", "stride_at_vec_range")
+_EXPAND_VARIANTS: list[dict] = []  # [{name: the variant}], made once
+
+
+class _SympyExpanding(types.ModuleType):
+    """``sympy`` with ``simplify`` = ``expand``, for the variants' globals only."""
+
+    def __init__(self, sympy):
+        super().__init__("sympy")
+        self.__dict__.update(sympy.__dict__)
+        self.simplify = lambda expr, *args, **kwargs: sympy.expand(expr)
+
+
+def _expand_variants(sizevars) -> dict:
+    """Copies of sizevars' ``stride_at``, ``simplify_index_in_vec_range`` and ``stride_at_vec_range`` (the same
+    code) whose ``sympy.simplify`` is ``sympy.expand``, each with an lru cache of its own (torch's caches never
+    see their results) and calling each other; {} where this Inductor lacks one of them."""
+    if not _EXPAND_VARIANTS:
+        originals = {n: getattr(sizevars, n, None) for n in _SIMPLIFY_NAMES}
+        variants = {}
+        if all(hasattr(f, "__wrapped__") and hasattr(f, "cache_clear") for f in originals.values()):
+            g = dict(vars(sizevars))
+            g["sympy"] = _SympyExpanding(g["sympy"])
+            for n, f in originals.items():
+                raw = f.__wrapped__
+                variants[n] = functools.lru_cache(types.FunctionType(raw.__code__, g, raw.__name__, raw.__defaults__,
+                                                                     raw.__closure__))
+            g.update(variants)  # the variants call each other
+        _EXPAND_VARIANTS.append(variants)
+    return _EXPAND_VARIANTS[0]
+
+
+@contextlib.contextmanager
+def simplify_by_expand():
+    """Work around pytorch/pytorch#186319, for the compiles in this block only, and only on the torch releases
+    of :data:`SIMPLIFY_AFFECTED`: Inductor's C++ backend asks ``sympy.simplify`` for the stride of every index
+    along a vectorised loop variable (``sizevars.stride_at`` and ``simplify_index_in_vec_range``, from
+    ``codegen/cpp.py``'s tiling and load analysis), and ``simplify`` has no bound: on Funnel's attention after
+    its second pooling (indices of nested ``FloorDiv`` / ``ModularIndexing``) one call took 66-146 s, and the
+    model never finished compiling, with plain ``torch.compile(backend="inductor")`` as with ours. ``expand``
+    (what the strides of affine indices need: ``64*(x1 + 1) + x0 - (64*x1 + x0) = 64``) is bounded. Where it
+    leaves a stride symbolic that ``simplify`` would have reduced, Inductor takes its general path (a strided
+    or gathered load instead of a contiguous vector load): the same values, maybe slower code. The code emitted
+    with a symbolic stride is the same expression, equal by construction. Outside the block, and so in the
+    user's own ``torch.compile``, sizevars' and codegen/cpp's functions (and their lru caches) are torch's own."""
+    if not _simplify_affected():
+        yield
+        return
+    from torch._inductor import sizevars
+    from torch._inductor.codegen import cpp
+
+    variants = _expand_variants(sizevars)
+    if not variants:
+        yield
+        return
+    saved = [(sizevars, n, getattr(sizevars, n)) for n in _SIMPLIFY_NAMES]
+    if hasattr(cpp, "stride_at_vec_range"):  # imported by name
+        saved.append((cpp, "stride_at_vec_range", cpp.stride_at_vec_range))
+    for module, name, _ in saved:
+        setattr(module, name, variants[name])
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 _TILE2D_BUGGY: list[bool] = []  # [whether the installed Inductor has the bug], once checked

@@ -427,6 +427,63 @@ def test_inductor_workaround_is_scoped_to_dropbp_compiles(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_simplify_workaround_is_scoped_to_dropbp_compiles(monkeypatch):
+    """pytorch/pytorch#186319 (``sympy.simplify`` without bound in the C++ vectorisation analysis; Funnel never
+    finished compiling): while dropbp compiles a piece on an affected torch, Inductor's ``stride_at`` family is
+    the ``expand`` variant and the cache key carries our tag; the user's own ``torch.compile(backend="inductor")``
+    sees torch's functions and tag, and so do our compiles under ``DROPBP_NO_INDUCTOR_WORKAROUNDS=1``."""
+    import sympy
+    import torch._functorch.config
+    from torch._inductor import config as inductor_config
+    from torch._inductor import sizevars
+    from torch._inductor.codegen import cpp
+    from torch._inductor.graph import GraphLowering
+
+    from dropbp_fx import inner
+
+    names = ("stride_at", "simplify_index_in_vec_range", "stride_at_vec_range")
+    originals = {n: getattr(sizevars, n) for n in names}
+    original_cpp, original_tag = cpp.stride_at_vec_range, torch.compiler.config.cache_key_tag
+    real, during = GraphLowering.codegen, []
+
+    def spy(*args, **kwargs):  # Inductor generating code (plain torch.compile binds compile_fx_inner early)
+        during.append((tuple(getattr(sizevars, n) is not originals[n] for n in names),
+                       cpp.stride_at_vec_range is not original_cpp,
+                       inner.CACHE_KEY_TAG in torch.compiler.config.cache_key_tag))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(GraphLowering, "codegen", spy)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # each run generates code
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+
+    def run(backend):
+        during.clear()
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        torch.compile(Net(depth=2), backend=backend)(torch.randn(8, 16)).backward()
+        assert during  # compiled something
+        seen = set(during)
+        for n in names:
+            assert getattr(sizevars, n) is originals[n]
+        assert cpp.stride_at_vec_range is original_cpp and torch.compiler.config.cache_key_tag == original_tag
+        return seen
+
+    affected = inner._simplify_affected()
+    assert run(dropbp_fx.DropBP(drop_rate=0.5, inner="inductor")) == {((affected,) * 3, affected, True)}
+    assert run("inductor") == {((False,) * 3, False, False)}
+    monkeypatch.setenv(inner.NO_WORKAROUNDS_ENV, "1")
+    assert run(dropbp_fx.DropBP(drop_rate=0.5, inner="inductor")) == {((False,) * 3, False, False)}
+    torch._dynamo.reset()
+    # the variants: the strides of affine indices, as simplify finds them, without touching torch's caches
+    x0, x1 = sympy.symbols("x0 x1", integer=True, nonnegative=True)
+    variants = inner._expand_variants(sizevars)
+    if variants:
+        before = originals["stride_at"].cache_info().currsize
+        assert variants["stride_at"](64 * x1 + x0, x1) == 64
+        assert variants["stride_at_vec_range"](64 * x1 + 3 * x0 + 5, x0, 16) == 3
+        assert originals["stride_at"].cache_info().currsize == before
+
+
 def test_aliased_outputs_are_regenerated_without_view_replay_in_our_pieces_only():
     """A piece returning a value and a view of it (DeepSeek-V4's compressor: ``kv`` and ``kv[:, :16].view(...)``)
     is compiled with AOTAutograd's view replay off (replayed sizes came out as garbage under Inductor); the
