@@ -29,7 +29,10 @@ def detached(model: nn.Module, module_paths, through_constants: bool = False):
 
     ``through_constants``: the branch goes on through the ops that read only its values and the model's
     constants broadcast onto them (a bias, a scale: ``(f(x) + b) * s`` before the add with the skip, in a
-    module that also takes the skip); those run on detached inputs, so their parameters get no gradient.
+    module that also takes the skip); those run on detached inputs, so their parameters get no gradient. So does
+    the difference ``f - h`` of a branch value and another value of its shape, the interpolating residual
+    ``h + a * (f(h) - h)`` (nGPT, Dory): the closed term is ``a * (f(h) - h)``, and the skip ``h`` keeps the
+    identity gradient (docs/residuals.md).
     """
     mode = _BranchOps(model) if through_constants and module_paths else None
     which: dict[str, set | None] = {}  # path -> the (call, output) pairs to detach (None: all of every call)
@@ -69,8 +72,9 @@ def detached(model: nn.Module, module_paths, through_constants: bool = False):
 
 class _BranchOps(TorchFunctionMode):
     """Runs an op on detached inputs when it reads a branch value and, besides, only constants (parameters,
-    buffers and values made from them alone) with fewer elements than that value; its result is a branch
-    value too. Any other op runs as it is, and a value it writes in place stops being a branch value."""
+    buffers and values made from them alone) with fewer elements than that value, or when it subtracts another
+    value of the same shape from it (``f(h) - h``: an interpolating residual's term); its result is a branch value
+    too. Any other op runs as it is, and a value it writes in place stops being a branch value."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -83,13 +87,21 @@ class _BranchOps(TorchFunctionMode):
             if isinstance(t, torch.Tensor):
                 table[id(t)] = t
 
+    def _difference(self, func, args, kwargs) -> bool:
+        """``v - h``: a branch value minus another tensor of its shape, nothing else."""
+        name = getattr(func, "__name__", "")
+        return (name in ("sub", "__sub__") and len(args) == 2 and not kwargs
+                and all(isinstance(t, torch.Tensor) for t in args) and id(args[0]) in self.branch
+                and id(args[1]) not in self.branch and args[0].shape == args[1].shape)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         branch = [t for t in tensors if id(t) in self.branch]
         if branch:
             size = max(t.numel() for t in branch)
-            if all(id(t) in self.branch or (id(t) in self.constants and t.numel() < size) for t in tensors):
+            if all(id(t) in self.branch or (id(t) in self.constants and t.numel() < size) for t in tensors) \
+                    or self._difference(func, args, kwargs):
                 out = func(*tree_map(_detach, args), **tree_map(_detach, kwargs))
                 self.mark(out)
                 return out

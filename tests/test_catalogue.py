@@ -287,6 +287,49 @@ def test_oracle_detaches_a_bias_and_scale_applied_to_the_branch():
     assert oracle.mlp.weight.grad is None and oracle.latents.grad is not None and oracle.out.weight.grad is not None
 
 
+class _Interpolating(nn.Module):
+    """Dory / nGPT: ``h + a * (norm(f(h)) - h)``, ``a`` a per-channel rate of the layer, ``norm`` parameter-free."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp, self.out = nn.Linear(d, d), nn.Linear(d, 1)
+        self.attn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.rate = nn.Parameter(torch.full((d,), 0.3))
+
+    def forward(self, x):
+        h = self.inp(x)
+        f = F.normalize(self.attn(h), dim=-1)
+        return self.out(h + self.rate.abs() * (f - h))
+
+
+def test_oracle_closes_the_whole_interpolating_term():
+    """The oracle closes ``a * (f(h) - h)`` for the interpolating residual (docs/residuals.md): no gradient to
+    ``f`` or ``a``, the skip's gradient the identity; it equals the hand-detached form and dropbp agrees."""
+    import dropbp_fx
+    from tests.oracle import assert_same_grads, detached, grads
+
+    torch.manual_seed(0)
+    net = _Interpolating()
+    oracle, by_hand = copy.deepcopy(net), copy.deepcopy(net)
+    x = torch.randn(2, 4, 8)
+    with detached(oracle, ["attn"], through_constants=True):
+        oracle(x).sum().backward()
+    assert oracle.rate.grad is None and oracle.attn[0].weight.grad is None and oracle.inp.weight.grad is not None
+    h = by_hand.inp(x)
+    term = by_hand.rate.abs() * (F.normalize(by_hand.attn(h), dim=-1) - h)
+    by_hand.out(h + term.detach()).sum().backward()
+    assert_same_grads(grads(oracle), grads(by_hand))
+
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli", keep_one_open=False)
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x).sum().backward()
+    dbp.set_rates({g: 0.999999 for g in dbp.gate_names})
+    net.zero_grad(set_to_none=True)
+    compiled(x).sum().backward()
+    assert dbp.last_mask == {"attn": True}
+    assert_same_grads(grads(net), grads(oracle))
+
+
 class _FunctionalConv(nn.Module):
     """Inkling's short convolution: ``(x + conv(x)) / sqrt(k + 1)``, its own residual add, with the weight of
     ``self.conv1d`` passed to ``F.conv1d`` (as the kernel-hub ``causal_conv1d_fn`` does): ``conv1d`` never runs."""
