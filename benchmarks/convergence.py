@@ -198,8 +198,9 @@ class Candidate:
                 times[rate] = self._timed_pass(batch)
             self.dbp.load_state_dict(state)
             # the speed model: T(p) = T1 + (1 - p) (T0 - T1), T0 every branch open, T1 every branch closed
-            t0, t1 = times[0.0], times[ALMOST_ONE]
-            self.ceiling = {"open_s": t0, "closed_s": t1, "speedup_at_rate": t0 / (t1 + (1 - self.rate) * (t0 - t1))}
+            t_open, t_closed = times[0.0], times[ALMOST_ONE]
+            self.ceiling = {"open_s": t_open, "closed_s": t_closed,
+                            "speedup_at_rate": t_open / (t_closed + (1 - self.rate) * (t_open - t_closed))}
             for gate in self.dbp.controller.gates:  # the realised drop rate counts training steps only
                 gate.drops = gate.calls = 0
         self.compile_s = time.perf_counter() - t0

@@ -184,10 +184,16 @@ def test_parse_config_and_batch_order():
     pytest.importorskip("transformers")
     from benchmarks import convergence
 
-    assert convergence.parse_config("baseline") == ("baseline", 0.0)
-    assert convergence.parse_config("sensitivity_p0.5") == ("sensitivity", 0.5)
-    assert convergence.parse_config("uniform_p0.875") == ("uniform", 0.875)
-    for bad in ("sensitivity", "random_p0.5", "uniform_p1", "uniform_p0"):
+    parse = convergence.parse_config
+    assert (parse("baseline").kind, parse("baseline").rate) == ("baseline", 0.0)
+    assert (parse("sensitivity_p0.5").kind, parse("sensitivity_p0.5").rate) == ("sensitivity", 0.5)
+    assert (parse("uniform_p0.875").kind, parse("uniform_p0.875").rate, parse("uniform_p0.875").options) == \
+        ("uniform", 0.875, ())
+    combined = parse("sensitivity_p0.75+lr+down+recal")
+    assert dict(combined.options) == {"optimizer_mode": "lr_scale", "schedule": "ramp_down"} and combined.recalibrate
+    assert parse("auto+zero").kind == "auto" and dict(parse("auto+zero").options) == {"optimizer_mode": "zero"}
+    assert parse("recommended").kind in ("sensitivity", "uniform", "auto")  # a name of NAMED
+    for bad in ("sensitivity", "random_p0.5", "uniform_p1", "uniform_p0", "sensitivity_p0.5+fast"):
         with pytest.raises(ValueError):
             convergence.parse_config(bad)
     order = convergence.batch_order(10, 4, 5, seed=3)

@@ -133,7 +133,9 @@ def test_drop_state_round_trips_calibrated_rates_and_schedule(tmp_path):
     run.save(tmp_path / "checkpoint.pt")
     checkpoint = torch.load(tmp_path / "checkpoint.pt")
     assert checkpoint["dropbp"] == {"seed": 3, "step": 2, "policy": "topup", "drop_rate": 0.5,
-                                    "keep_one_open": "auto", "rates": run.dbp.rates}
+                                    "keep_one_open": "auto", "rates": run.dbp.rates,
+                                    "schedule": {"kind": "constant", "total_steps": None, "ramp": 0.2,
+                                                 "min_rate": 0.0, "max_rate": 0.95}}
     assert len(set(run.dbp.rates.values())) > 1  # per-gate rates from the calibration
     assert checkpoint["schedule"]["steps"] == 2 and checkpoint["schedule"]["at"] == 1
     assert [row[0] for row in checkpoint["schedule"]["result"]["rows"]] == run.dbp.gate_names

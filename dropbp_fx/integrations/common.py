@@ -13,14 +13,48 @@ from dropbp_fx.reports import DropBPWarning
 from dropbp_fx.tracing import compile_in_place  # noqa: F401 (shared by the callbacks)
 
 
-def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, options: dict) -> DropBPConfig:
-    """The options of a callback, checked (``ValueError`` naming ``owner`` and the valid values)."""
-    check_rate(f"{owner} drop_rate", drop_rate)
+AUTO_START = 0.5  # drop_rate="auto": the uniform rate until the first calibration chooses the target
+
+
+def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, options: dict,
+                           recalibrate_every=None) -> DropBPConfig:
+    """The options of a callback, checked (``ValueError`` naming ``owner`` and the valid values).
+    ``drop_rate="auto"``: the calibration chooses the target (:mod:`dropbp_fx.auto`); it needs ``calibrate``."""
+    if drop_rate == "auto":
+        if calibrate is None:
+            raise ValueError(f"{owner}(drop_rate='auto') chooses the rate at each calibration: pass calibrate='fast' "
+                             "(or 'exact'), not None")
+    else:
+        check_rate(f"{owner} drop_rate", drop_rate)
     if calibrate is not None and calibrate not in METHODS:
         raise ValueError(f"{owner} calibrate must be one of {tuple(METHODS)} or None, got {calibrate!r}")
     if not 0.0 <= calibrate_at < 1.0:
         raise ValueError(f"{owner} calibrate_at is a fraction of training in [0, 1), got {calibrate_at!r}")
-    return DropBPConfig(drop_rate=drop_rate, **options)
+    if recalibrate_every is not None and (isinstance(recalibrate_every, bool) or not isinstance(recalibrate_every, int)
+                                          or recalibrate_every < 1):
+        raise ValueError(f"{owner} recalibrate_every must be None or a positive int (steps), got {recalibrate_every!r}")
+    return DropBPConfig(drop_rate=AUTO_START if drop_rate == "auto" else drop_rate, **options)
+
+
+def calibration_due(step: int, first: int, last: int | None, every: int | None) -> bool:
+    """Calibrate at ``first``, then every ``every`` steps after the ``last`` calibration."""
+    if last is None:
+        return step >= first
+    return every is not None and step - last >= every
+
+
+def attach(dbp, optimizer, total_steps: int | None) -> None:
+    """The run's facts the callbacks know: its length (for the ramps, unless ``total_steps`` was given) and its
+    optimizer (for ``optimizer_mode``; framework wrappers such as accelerate's are looked through)."""
+    if dbp.options.total_steps is None and total_steps:
+        dbp.set_total_steps(total_steps)
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    if optimizer is not None:
+        dbp.attach_optimizer(optimizer)
+    elif dbp.options.optimizer_mode != "none":
+        raise ValueError(f"dropbp: optimizer_mode={dbp.options.optimizer_mode!r} needs the optimizer, and the "
+                         "framework passed none to the callback")
 
 
 ON_NO_GATES = ("raise", "warn")

@@ -27,8 +27,9 @@ from torch import nn
 
 from dropbp_fx.backend import DropBP
 from dropbp_fx.calibrate import calibrate
-from dropbp_fx.integrations.common import (DropStats, calibration_step, check_callback_options, check_first_step,
-                                           check_on_no_gates, compile_in_place, loss_of)
+from dropbp_fx.integrations.common import (DropStats, attach, calibration_due, calibration_step,
+                                           check_callback_options, check_first_step, check_on_no_gates,
+                                           compile_in_place, loss_of)
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -48,23 +49,29 @@ class DropBPLightningCallback(Callback):
         attr: the attribute of the LightningModule holding the network to compile (default: ``"model"`` if the
             module has one, else the LightningModule itself).
         plot: write ``dropbp_gates.png`` to ``trainer.default_root_dir`` at the end of training.
-        seed, policy, keep_one_open, inner: the :class:`~dropbp_fx.DropBP` options.
+            ``drop_rate="auto"``: each calibration chooses the target (:mod:`dropbp_fx.auto`).
+        recalibrate_every: calibrate again every this many steps (``None``: once).
+        options: the other :class:`~dropbp_fx.DropBPConfig` options (seed, policy, inner, schedule,
+            optimizer_mode, ...); ``total_steps`` defaults to the run's steps, the optimizer is attached.
         on_no_gates: after the first step, a network with no gate raises (``"raise"``, with the reason) or warns
             and trains without DropBP (``"warn"``).
     """
 
-    def __init__(self, drop_rate: float = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
-                 attr: str | None = None, plot: bool = True, seed: int = 0, policy: str = "topup",
-                 keep_one_open: bool | str = "auto", inner: str = "inductor", on_no_gates: str = "raise") -> None:
-        config = check_callback_options("DropBPLightningCallback", drop_rate, calibrate, calibrate_at,
-                                        dict(seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner))
-        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, attr=attr, plot=plot,
-                            on_no_gates=check_on_no_gates("DropBPLightningCallback", on_no_gates), **config.as_dict())
+    def __init__(self, drop_rate: float | str = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
+                 recalibrate_every: int | None = None, attr: str | None = None, plot: bool = True,
+                 on_no_gates: str = "raise", **options) -> None:
+        config = check_callback_options("DropBPLightningCallback", drop_rate, calibrate, calibrate_at, options,
+                                        recalibrate_every)
+        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, recalibrate_every=recalibrate_every,
+                            attr=attr, plot=plot,
+                            on_no_gates=check_on_no_gates("DropBPLightningCallback", on_no_gates),
+                            **{**config.as_dict(), "drop_rate": drop_rate})  # "auto" stays "auto"
         self.gated: bool | None = None  # known after the first training step
         self.dropbp = DropBP.from_config(config)
         self.stats = DropStats(self.dropbp.controller)
         self.calibration = None  # the dropbp_fx.Calibration table, once calibrated
         self.calibrated = False
+        self.last_calibration: int | None = None  # global step of the latest calibration
         self.network: nn.Module | None = None
         self._calibration_step = 0
 
@@ -82,6 +89,7 @@ class DropBPLightningCallback(Callback):
             self.network = network
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
         self._calibration_step = calibration_step(self.options["calibrate_at"], int(total))
+        attach(self.dropbp, trainer.optimizers[0] if len(trainer.optimizers) == 1 else None, int(total))
         log.info("dropbp: %s compiled with the dropbp backend (drop_rate %s, calibrate %s at step %d)",
                  f"{type(pl_module).__name__}.{attr}" if attr else type(pl_module).__name__,
                  self.options["drop_rate"], self.options["calibrate"], self._calibration_step)
@@ -90,12 +98,14 @@ class DropBPLightningCallback(Callback):
         if self.gated is None:
             self.gated = check_first_step("DropBPLightningCallback", self.dropbp, self.options["on_no_gates"])
         pl_module.log_dict(self.stats.window(), on_step=True, on_epoch=False, prog_bar=False)
-        if (self.options["calibrate"] is not None and not self.calibrated and self.gated
-                and trainer.global_step >= self._calibration_step):
+        if self.options["calibrate"] is not None and self.gated and calibration_due(
+                trainer.global_step, self._calibration_step, self.last_calibration if self.calibrated else None,
+                self.options["recalibrate_every"]):
             self.calibration = calibrate(self.network, lambda: loss_of(pl_module.training_step(batch, batch_idx),
                                                                        "DropBPLightningCallback"),
                                          target=self.options["drop_rate"], method=self.options["calibrate"])
             self.calibrated = True
+            self.last_calibration = trainer.global_step
             log.info("dropbp: calibrated at step %d (method %s):\n%s", trainer.global_step,
                      self.options["calibrate"], self.calibration)
 
@@ -114,11 +124,13 @@ class DropBPLightningCallback(Callback):
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {"dropbp": self.dropbp.state_dict(), "calibrated": self.calibrated}
+        return {"dropbp": self.dropbp.state_dict(), "calibrated": self.calibrated,
+                "last_calibration": self.last_calibration}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Called by ``trainer.fit(ckpt_path=...)`` before the first step: the next step draws the mask the
         saved run would have drawn."""
         self.dropbp.load_state_dict(state_dict["dropbp"])
         self.calibrated = state_dict["calibrated"]
+        self.last_calibration = state_dict.get("last_calibration")
         log.info("dropbp: drop state restored from the checkpoint (step %d)", self.dropbp.step)

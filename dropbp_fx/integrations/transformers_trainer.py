@@ -32,8 +32,9 @@ from torch import nn
 
 from dropbp_fx.backend import DropBP
 from dropbp_fx.calibrate import calibrate
-from dropbp_fx.integrations.common import (DropStats, calibration_step, check_callback_options, check_first_step,
-                                           check_on_no_gates, compile_in_place, loss_of)
+from dropbp_fx.integrations.common import (DropStats, attach, calibration_due, calibration_step,
+                                           check_callback_options, check_first_step, check_on_no_gates,
+                                           compile_in_place, loss_of)
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +51,32 @@ class DropBPCallback(TrainerCallback, ExportableState):
     Args:
         drop_rate: target average drop rate (the FLOPs-weighted target after calibration).
         calibrate: ``"fast"`` (one backward pass), ``"exact"`` (N+1) or ``None`` (uniform ``drop_rate``).
+            ``drop_rate="auto"``: each calibration chooses the target (:mod:`dropbp_fx.auto`).
         calibrate_at: the fraction of ``max_steps`` after which the rates are calibrated.
-        seed, policy, keep_one_open, inner: the :class:`~dropbp_fx.DropBP` options.
+        recalibrate_every: calibrate again every this many steps (``None``: once).
+        options: the other :class:`~dropbp_fx.DropBPConfig` options (seed, policy, keep_one_open, inner,
+            schedule, ramp, min_rate, max_rate, optimizer_mode, ...); ``total_steps`` defaults to ``max_steps``
+            and the Trainer's optimizer is attached for ``optimizer_mode``.
         plot: at the end of training, write ``dropbp_gates.png`` (rates, realised drops, FLOPs shares per gate,
             :meth:`dropbp_fx.DropBP.plot`) to the output directory (needs matplotlib).
         on_no_gates: after the first step, a model with no gate raises (``"raise"``, with the reason) or warns
             and trains without DropBP (``"warn"``).
     """
 
-    def __init__(self, drop_rate: float = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
-                 seed: int = 0, policy: str = "topup", keep_one_open: bool | str = "auto",
-                 inner: str = "inductor", plot: bool = True, on_no_gates: str = "raise") -> None:
-        config = check_callback_options("DropBPCallback", drop_rate, calibrate, calibrate_at,
-                                        dict(seed=seed, policy=policy, keep_one_open=keep_one_open, inner=inner))
-        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, plot=plot,
-                            on_no_gates=check_on_no_gates("DropBPCallback", on_no_gates), **config.as_dict())
+    def __init__(self, drop_rate: float | str = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
+                 recalibrate_every: int | None = None, plot: bool = True, on_no_gates: str = "raise",
+                 **options) -> None:
+        config = check_callback_options("DropBPCallback", drop_rate, calibrate, calibrate_at, options,
+                                        recalibrate_every)
+        self.options = dict(calibrate=calibrate, calibrate_at=calibrate_at, recalibrate_every=recalibrate_every,
+                            plot=plot, on_no_gates=check_on_no_gates("DropBPCallback", on_no_gates),
+                            **{**config.as_dict(), "drop_rate": drop_rate})  # "auto" stays "auto"
+        self.options = {k: v for k, v in self.options.items() if not callable(v)}  # trainer_state.json is JSON
         self.gated: bool | None = None  # known after the first training step
         self.dropbp = DropBP.from_config(config)
         self.stats = DropStats(self.dropbp.controller)
         self.calibrated = False
+        self.last_calibration: int | None = None  # global step of the latest calibration
         self.calibration = None  # the dropbp_fx.Calibration table, once calibrated
         self._resume_state: dict | None = None
         self._batch: dict | None = None
@@ -86,6 +94,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
             compile_in_place("DropBPCallback", model, self.dropbp)
             self._model = model
         self._restore(state)
+        attach(self.dropbp, kwargs.get("optimizer"), state.max_steps)
         self._calibration_step = calibration_step(self.options["calibrate_at"], state.max_steps)
         log.info("dropbp: Trainer model compiled with the dropbp backend (drop_rate %s, calibrate %s at step %d)",
                  self.options["drop_rate"], self.options["calibrate"], self._calibration_step)
@@ -107,6 +116,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
         self.calibration = calibrate(self._model, lambda: loss_of(self._model(**batch), "DropBPCallback"),
                                      target=self.options["drop_rate"], method=self.options["calibrate"])
         self.calibrated = True
+        self.last_calibration = state.global_step
         log.info("dropbp: calibrated at step %d (method %s):\n%s", state.global_step, self.options["calibrate"],
                  self.calibration)
 
@@ -139,7 +149,8 @@ class DropBPCallback(TrainerCallback, ExportableState):
     # -------------------------------------------------------------- checkpoints (trainer_state.json)
     def state(self) -> dict:
         return {"args": self.options,
-                "attributes": {"_resume_state": self.dropbp.state_dict(), "calibrated": self.calibrated}}
+                "attributes": {"_resume_state": self.dropbp.state_dict(), "calibrated": self.calibrated,
+                               "last_calibration": self.last_calibration}}
 
     def _restore(self, state) -> None:
         """On ``train(resume_from_checkpoint=...)``: the drop state saved with the checkpoint.
@@ -154,6 +165,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
             if stored:
                 self._resume_state = stored["attributes"]["_resume_state"]
                 self.calibrated = stored["attributes"]["calibrated"]
+                self.last_calibration = stored["attributes"].get("last_calibration")
         if self._resume_state is not None:
             self.dropbp.load_state_dict(self._resume_state)
             self._resume_state = None
@@ -161,8 +173,9 @@ class DropBPCallback(TrainerCallback, ExportableState):
 
     # -------------------------------------------------------------- helpers
     def _wants_calibration(self, state) -> bool:
-        return (self.options["calibrate"] is not None and not self.calibrated and self.gated is not False
-                and state.global_step >= self._calibration_step)
+        return (self.options["calibrate"] is not None and self.gated is not False
+                and calibration_due(state.global_step, self._calibration_step, self.last_calibration
+                                    if self.calibrated else None, self.options["recalibrate_every"]))
 
     def _keep_batch(self, module, args, kwargs):
         if module.training and torch.is_grad_enabled():
