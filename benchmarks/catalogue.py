@@ -37,6 +37,9 @@ JSON_PATH = os.path.join(ROOT, "benchmarks", "results", "catalogue.json")
 MD_PATH = os.path.join(ROOT, "docs", "catalogue.md")
 # Failures looked at by hand, shown beside the status while the type still fails that way
 NOTES: dict[tuple[str, str], str] = {}
+# Causes of a compile time above SLOW_COMPILE x plain torch.compile's, found by hand, beside the generic one
+COMPILE_CAUSES: dict[str, str] = {}
+SLOW_COMPILE = 3.0
 MULTI_TYPES = ("llama", "olmo2", "gpt2", "mistral", "qwen2", "opt", "gemma2", "falcon")
 
 
@@ -197,6 +200,32 @@ def reason_class(rec: dict) -> str:
     return text[:110]
 
 
+def compile_ratio(rec: dict) -> float | None:
+    """dropbp's compile time over plain torch.compile's (same inner compiler), None where either is missing."""
+    ours, plain = rec.get("compile_s"), rec.get("plain_compile_s")
+    if ours is None or plain is None:
+        return None
+    return max(ours, 0.0) / max(plain, 0.1)  # under 0.1 s (the eager inner compiler: Dynamo alone) counts as 0.1
+
+
+def compile_cell(rec: dict) -> str:
+    ratio = compile_ratio(rec)
+    if ratio is None:
+        return ""
+    text = f"{rec['compile_s']:.1f} / {rec['plain_compile_s']:.1f}"
+    return f"{text} (**{ratio:.1f}x**)" if ratio > SLOW_COMPILE else f"{text} ({ratio:.1f}x)"
+
+
+def compile_cause(rec: dict) -> str:
+    """Why dropbp compiles longer: a cause found by hand (COMPILE_CAUSES), else the number of pieces."""
+    if rec["type"] in COMPILE_CAUSES:
+        return COMPILE_CAUSES[rec["type"]]
+    if rec.get("pieces"):
+        return (f"{rec['pieces']} pieces compiled one by one (trunk segments and branches, each open and closed), "
+                "where plain torch.compile compiles one graph")
+    return "Dynamo tracing and dropbp's graph passes (nothing compiled per piece)"
+
+
 def render(data: dict) -> str:
     from benchmarks.catalogue_check import FAILURES, MAPPINGS, STATUSES
 
@@ -231,6 +260,20 @@ def render(data: dict) -> str:
                   "were checked)", "warned (no gates) (nothing gated, a DropBPWarning said so)",
                   "baseline-fails (plain `torch.compile` cannot train it either; not counted)",
                   "unbuildable (the rule's config or the eager model fails; not counted)"]) + ".", ""]
+    timed = [r for r in rows if compile_ratio(r) is not None]
+    slow = [r for r in timed if compile_ratio(r) > SLOW_COMPILE]
+    lines += ["## Compile time", "",
+              f"Compile time of dropbp beside plain `torch.compile` with the same inner compiler, for {len(timed)} of "
+              f"{len(rows)} types (the others: no record of it, or the check did not reach step 4): the seconds of "
+              "the first 4 training steps (forward + backward) above 4 warm steps of plain `torch.compile`, Inductor's "
+              "FX-graph and AOTAutograd caches off for both, on one CPU core (`benchmarks/catalogue_check.py`: "
+              "`compile_seconds`). Dropbp compiles lazily, each piece on the first step that needs it, so its "
+              f"figure covers the pieces 4 steps needed. Above {SLOW_COMPILE:.0f}x: {len(slow)} types.", ""]
+    if slow:
+        lines += ["| mapping | type | compile s (dropbp / plain) | cause |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['mapping']} | {r['type']} | {compile_cell(r)} | {_cell(compile_cause(r))} |"
+                  for r in sorted(slow, key=lambda r: -compile_ratio(r))]
+        lines.append("")
     failing = [r for r in rows if r["status"] in FAILURES + ("crash", "timeout")]
     if failing:
         lines += ["## Failures by reason", "", "| status | reason (class) | types |", "| --- | --- | --- |"]
@@ -252,14 +295,14 @@ def render(data: dict) -> str:
         lines += [f"| {r['type']} | {r['status']} | {r.get('alone') or '-'} | {r['gates']} | {_cell(r['reason'])} |"
                   for r in m["results"]]
         lines.append("")
-    lines += ["## All types", "", "| mapping | type | status | gates | gates/layer | drop fraction | s | reason |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["## All types", "", "| mapping | type | status | gates | gates/layer | drop fraction | s | "
+              "compile s (dropbp / plain) | reason |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         status = f"**{r['status']}**" if r["status"] in FAILURES else r["status"]
         reason = r["reason"] + (f" (at {r['where']})" if r.get("where") else "")
         lines.append(f"| {r['mapping']} | {r['type']} | {status} | {r['gates'] or ''} | {r['gates_per_layer'] or ''} | "
                      f"{'' if r['drop_fraction'] is None else r['drop_fraction']} | {r['seconds']:.0f} | "
-                     f"{_cell(reason)} |")
+                     f"{compile_cell(r)} | {_cell(reason)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +324,7 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.WARNING)
         from benchmarks.catalogue_check import as_dict, check
 
-        print(json.dumps(as_dict(check(args.one, args.mapping, args.inner))), flush=True)
+        print(json.dumps(as_dict(check(args.one, args.mapping, args.inner, time_plain=True))), flush=True)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("dropbp_fx").setLevel(logging.WARNING)

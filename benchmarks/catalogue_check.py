@@ -14,7 +14,8 @@ included (the recorded forward notes every op's inputs and module). A gate modul
 residual add -- its output, or its post-norm leaf's only input, was made by ``x + b`` with ``x`` one of its
 inputs (XLNet's attention: ``layer_norm(dropout(attn) + h)``) -- is an :class:`OwnResidual`: the oracle keeps
 that sum's value with its gradient to ``x`` alone, and the post-norm keeps its gradient. A union whose
-members are not all on that chain, a gate that is not a module path, or a module that runs more than once
+members all read the same input and none another's output (parallel terms: GraniteMoeHybrid's ``moe(h) +
+shared_mlp(h)``) is detached member by member. A union whose members are not all on that chain, a gate that is not a module path, or a module that runs more than once
 per forward: "oracle cannot map gate" (the gradients of the steps that dropped no such gate are still
 checked).
 """
@@ -74,6 +75,14 @@ class Record:
     baseline: str = ""  # why plain torch.compile failed too (checked after a failure only)
     where: str = ""  # for fail: the innermost dropbp_fx/passes frame of the exception
     not_compared: list = field(default_factory=list)  # parameters plain torch.compile gets wrong the same way
+    # compile time (see compile_seconds): dropbp's, plain torch.compile's with the same inner compiler, and the
+    # number of pieces dropbp compiled (trunk segments and branches, per gate state and grad pattern; None for
+    # the eager inner compiler: nothing is compiled per piece)
+    compile_s: float | None = None
+    plain_compile_s: float | None = None
+    plain_compile: str = ""  # why plain torch.compile's time is missing
+    pieces: int | None = None
+    step_s: list = field(default_factory=list)  # wall time of each dropbp step (forward + backward)
     date: str = ""
 
 
@@ -245,6 +254,8 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
         return None, f"gate {gate!r}: module {m!r} runs {len(by_path[m])} times per forward"
     ran = sorted((cs[k] for cs in by_path.values()), key=lambda c: c.pre)
     target, why = _target_of(gate, members, ran, calls, with_params, leaves)
+    if isinstance(target, list):  # parallel members: each detached
+        return [_per_call(t, calls) for t in target], ""
     return (target, why) if target is None else (_per_call(target, calls), "")
 
 
@@ -265,6 +276,20 @@ def _target_of(gate, members, ran, calls, with_params, leaves):
     on_chain = [c.path for c in chain]
     if all(any(p == m or p.startswith(m + ".") for p in on_chain) for m in members):
         return (None, f"gate {gate!r}: {why}") if why else (chain[-1], "")
+    # a union of parallel terms, every member reading the same input and none another's output
+    # (GraniteMoeHybrid's ``moe(h) + shared_mlp(h)``, scaled before the add): the branch value is their sum,
+    # the oracle detaches each
+    first = ran[0].inputs[0][0] if ran[0].inputs else None
+    if first is not None and len(ran) > 1 and all(c.post < ran[-1].pre for c in ran[:-1]) \
+            and all(any(t is first for t, _ in c.inputs) for c in ran[1:]) \
+            and not any(any(t is d.out for t, _ in c.inputs) for c in ran for d in ran if d is not c):
+        ends = []
+        for c in ran:
+            chain, why = _chain(c, calls, with_params, leaves)
+            if why:
+                return None, f"gate {gate!r}: {why}"
+            ends.append(chain[-1])
+        return ends, ""
     # a union whose members meet through functional ops (Bloom's attention: qkv -> ... -> dense): the value
     # of the last member to run, when every other member had finished before it started
     if all(c.post < ran[-1].pre for c in ran[:-1]):
@@ -363,7 +388,9 @@ def _oracle_step(oracle, batch, dropped, targets, kept):
     :class:`OwnResidual`; ``kept``: gate -> how a gate named after a module that contains its own residual add
     the recorded ops did not show is detached, "skip" or "leaves")."""
     oracle.zero_grad(set_to_none=True)
-    plain = [targets[g] for g in dropped if isinstance(targets.get(g), (str, tuple)) and g not in kept]
+    plain = [t for g in dropped if g not in kept
+             for t in (targets.get(g) if isinstance(targets.get(g), list) else [targets.get(g)])
+             if isinstance(t, (str, tuple))]
     own = [targets[g] for g in dropped if isinstance(targets.get(g), OwnResidual)]
     leaves = [leaf for g in dropped if kept.get(g) == "leaves" for leaf in parametric_leaves(oracle, g)]
     with detached(oracle, plain, through_constants=True), leaves_detached(oracle, leaves), \
@@ -494,8 +521,10 @@ def _train(model, oracle, batches, inner: str, rec: Record, seed: int) -> None:
     for step in range(STEPS):
         batch = batches(step)
         model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
         out = compiled(**batch)
         loss_of(out).backward()
+        rec.step_s.append(round(time.perf_counter() - start, 3))
         try:
             dbp = dropbp_fx.get_dropbp(compiled)
         except LookupError:
@@ -555,6 +584,7 @@ def _train(model, oracle, batches, inner: str, rec: Record, seed: int) -> None:
         with torch.no_grad():
             for p, q in zip(model.parameters(), oracle.parameters()):
                 q.copy_(p)
+    rec.pieces = dbp.compile_cache.compiles if dbp.compile_cache is not None else None
     rec.oracle = {g: str(t) for g, t in targets.items() if t != g}
     rec.oracle.update({g: f"{g} with its skip kept" if mode == "skip" else f"{g}'s parametric leaves"
                        for g, mode in sorted(kept.items())})
@@ -600,9 +630,52 @@ def baseline(model_type: str, mapping: str, backend: str) -> str:
     return ""
 
 
+def plain_step_seconds(model_type: str, mapping: str, inner: str, steps: int = STEPS) -> list[float]:
+    """Wall time of each of ``steps`` training steps (forward + backward) of plain ``torch.compile`` with the
+    inner compiler dropbp uses (:func:`dropbp_fx.inner.inner_backend`: the same Inductor, with the same
+    workarounds), from a reset Dynamo, on a freshly built model."""
+    from dropbp_fx.inner import inner_backend
+
+    torch._dynamo.reset()
+    model, _ = build(model_type, mapping)
+    batches = batch_fn(model, mapping)
+    compiled = torch.compile(model, backend=inner_backend(inner))
+    times = []
+    for step in range(steps):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        loss_of(compiled(**batches(step))).backward()
+        times.append(round(time.perf_counter() - start, 3))
+    torch._dynamo.reset()
+    return times
+
+
+def compile_seconds(dropbp_steps: list[float], plain_steps: list[float]) -> tuple[float, float]:
+    """(dropbp's, plain's) compile time: the seconds of their first ``len(plain_steps)`` steps above as many
+    warm steps, a warm step being plain's fastest (these models compute a step in milliseconds; dropbp compiles
+    lazily, a piece on the first step that needs it, so its steps after the first may still compile)."""
+    warm = min(plain_steps)
+    n = len(plain_steps)
+    return round(sum(dropbp_steps[:n]) - n * warm, 2), round(sum(plain_steps) - n * warm, 2)
+
+
+@contextlib.contextmanager
+def no_compile_caches():
+    """Inductor's FX-graph cache and AOTAutograd's cache off: compile times that do not depend on what an
+    earlier run left in ``TORCHINDUCTOR_CACHE_DIR`` (the C++ kernels' own build cache stays, for both)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 def check(model_type: str, mapping: str = "causal-lm", inner: str = "inductor", seed: int = 1,
-          run_baseline: bool = True, not_compared: tuple = ()) -> Record:
+          run_baseline: bool = True, not_compared: tuple = (), time_plain: bool = False) -> Record:
     """The catalogue's check of one model type (never raises).
+
+    ``time_plain``: also time plain ``torch.compile`` with the same inner compiler (after the check, on a
+    fresh model) and fill the compile-time fields; compile caches are off for both (:func:`no_compile_caches`).
 
     A parameter whose gradient plain ``torch.compile`` gets wrong the same way (set where eager has none:
     AOTAutograd hands a parameter read only for an output the loss ignores zeros, BigBird's pooler) is left
@@ -621,7 +694,8 @@ def check(model_type: str, mapping: str = "causal-lm", inner: str = "inductor", 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", dropbp_fx.DropBPWarning)
         try:
-            _train(model, oracle, batches, inner, rec, seed)
+            with no_compile_caches() if time_plain else contextlib.nullcontext():
+                _train(model, oracle, batches, inner, rec, seed)
         except Exception as exc:  # noqa: BLE001
             rec.status, rec.reason = "fail", first_line(exc)
             rec.where = _where(exc)
@@ -641,12 +715,19 @@ def check(model_type: str, mapping: str = "causal-lm", inner: str = "inductor", 
                 # left out at once
                 shared = re.findall(r"([\w.]+): grad is (?:None|set), oracle (?:None|set)", rec.baseline)
                 return check(model_type, mapping, inner, seed, run_baseline,
-                             (*not_compared, *[n for n in shared if n not in not_compared]))
+                             (*not_compared, *[n for n in shared if n not in not_compared]), time_plain)
             if rec.baseline:
                 if not structural:
                     rec.dropbp_reason = f"{rec.status}: {rec.reason}"
                     rec.status, rec.reason = "baseline-fails", rec.baseline
                 break
+    if time_plain and len(rec.step_s) == STEPS:
+        try:
+            with no_compile_caches():
+                plain = plain_step_seconds(model_type, mapping, inner)
+            rec.compile_s, rec.plain_compile_s = compile_seconds(rec.step_s, plain)
+        except Exception as exc:  # noqa: BLE001 - plain torch.compile failing leaves its time missing, with why
+            rec.plain_compile = first_line(exc)
     if rec.not_compared and not rec.reason:
         rec.reason = (f"not compared: {', '.join(rec.not_compared)} (plain torch.compile gets its gradient wrong "
                       "the same way)")

@@ -330,6 +330,52 @@ def test_oracle_closes_the_whole_interpolating_term():
     assert_same_grads(grads(net), grads(oracle))
 
 
+class _SharedExpert(nn.Module):
+    """GraniteMoeHybrid's feed-forward: ``x + (moe(h) + shared(h)) * m``, two modules summed, then scaled."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 1)
+        self.moe = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+        self.shared = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        x = self.inp(x)
+        h = self.norm(x)
+        return self.out(x + (self.moe(h) + self.shared(h)) * 0.5)
+
+
+def test_oracle_detaches_every_parallel_member_of_a_union():
+    """A union gate of parallel terms (``{moe,shared}``: both read ``h``, neither reads the other) is their sum:
+    the oracle detaches each member (it detached the last one only, so the first kept its gradient: WRONG
+    GRADIENT for GraniteMoeHybrid), and dropbp agrees."""
+    import dropbp_fx
+    from tests.oracle import assert_same_grads, detached, grads
+
+    torch.manual_seed(0)
+    net = _SharedExpert()
+    oracle = copy.deepcopy(net)
+    x = torch.randn(2, 4, 8)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli", keep_one_open=False)
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x).sum().backward()
+    assert dbp.gate_names == ["{moe,shared}"]
+    calls = record_calls(oracle, {"x": x})
+    modules = {n for n, _ in oracle.named_modules()}
+    with_params = {n for n, m in oracle.named_modules() if any(True for _ in m.parameters())}
+    leaves = {n for n, m in oracle.named_modules() if not any(True for _ in m.children())}
+    target, why = oracle_target("{moe,shared}", calls, modules, with_params, leaves)
+    assert target == ["moe", "shared"], why
+    dbp.set_rates({"{moe,shared}": 0.999999})
+    net.zero_grad(set_to_none=True)
+    compiled(x).sum().backward()
+    assert dbp.last_mask == {"{moe,shared}": True}
+    with detached(oracle, target, through_constants=True):
+        oracle(x).sum().backward()
+    assert oracle.moe[0].weight.grad is None and oracle.shared[0].weight.grad is None
+    assert_same_grads(grads(net), grads(oracle))
+
+
 class _FunctionalConv(nn.Module):
     """Inkling's short convolution: ``(x + conv(x)) / sqrt(k + 1)``, its own residual add, with the weight of
     ``self.conv1d`` passed to ``F.conv1d`` (as the kernel-hub ``causal_conv1d_fn`` does): ``conv1d`` never runs."""
@@ -471,6 +517,21 @@ def test_render_counts_and_groups():
     text = catalogue.render(data)
     assert "**1 of 3 buildable causal-lm types pass**" in text
     assert "| WRONG GRADIENT | w: bad N | b, c |" in text
+
+
+def test_render_compile_time_column_flags_slow_types():
+    rec = dict(mapping="causal-lm", inner=INNER, gates=4, gates_per_layer=2.0, drop_fraction=0.5, seconds=3.0,
+               reason="", status="pass")
+    data = {"meta": {}, "multi": {}, "results": {
+        "causal-lm/fast": {**rec, "type": "fast", "compile_s": 5.0, "plain_compile_s": 2.5, "pieces": 6},
+        "causal-lm/slow": {**rec, "type": "slow", "compile_s": 40.0, "plain_compile_s": 4.0, "pieces": 31},
+        "causal-lm/old": {**rec, "type": "old"}}}
+    text = catalogue.render(data)
+    assert "for 2 of 3 types" in text and "Above 3x: 1 types" in text
+    assert "| causal-lm | slow | 40.0 / 4.0 (**10.0x**) | 31 pieces compiled" in text
+    assert "| fast | pass | 4 | 2.0 | 0.5 | 3 | 5.0 / 2.5 (2.0x) |" in text
+    from benchmarks.catalogue_check import compile_seconds
+    assert compile_seconds([9.0, 2.0, 0.5, 0.1], [3.0, 0.1, 0.1, 0.1]) == (11.2, 2.9)
 
 
 # ----------------------------------------------------------------------------------------- the per-model check
