@@ -20,7 +20,7 @@ round, the same figure under every p):
   tensors leave the resident set);
 * ``step_s``: median of ``--rounds`` interleaved rounds (candidate order rotated per round) after
   ``--warmup`` steps of each; ``step_ratio`` = over plain's median in the same mode (the figure to compare);
-* ``longest_seq_ratio``: saved bytes measured at ``seq * (1, 2, 4, 8)`` (batch as given), the longest sequence
+* ``longest_seq_ratio``: saved bytes measured at ``seq * (1, 2, 4, 8, 10)`` (batch as given), the longest sequence
   whose saved bytes fit plain's at ``seq`` and p = 0 (piecewise-linear interpolation; beyond the last point,
   the last segment extended, flagged ``extrapolated``), over ``seq``.
 """
@@ -47,7 +47,7 @@ log = logging.getLogger("benchmarks.recompute")
 
 CANDIDATES = ("plain", "hf_checkpoint", "dropbp", "dropbp_recompute")
 RATES = (0.0, 0.5, 0.875)
-SEQ_FACTORS = (1, 2, 4, 8)
+SEQ_FACTORS = (1, 2, 4, 8, 10)
 MASK_STEP = 7000  # memory masks: steps MASK_STEP + m; timing round r uses step MASK_STEP + 100 + r
 PAPER_SEQ_RATIO = 6.2
 
@@ -91,6 +91,20 @@ def _watch_checkpoint_keywords(model) -> list:
     return seen
 
 
+def _quant_state_storages(model) -> set[int]:
+    """The 4-bit weights' quantisation state (``absmax``, ``code``, nested): model tensors, not activations. A
+    gate's checkpoint receives them as inputs (Dynamo lifts them), bitsandbytes holds them by reference."""
+    out = set()
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            out |= {t.untyped_storage().data_ptr() for t in (getattr(state, "absmax", None),
+                                                             getattr(state, "code", None))
+                    if isinstance(t, torch.Tensor)}
+            state = getattr(state, "state2", None)
+    return out
+
+
 def saved_bytes(c: Candidate, batch, rate: float, masks: int) -> list[int]:
     """Saved activation bytes at the end of the forward, one per mask (one mask where nothing is dropped)."""
     values = []
@@ -106,7 +120,8 @@ def saved_bytes(c: Candidate, batch, rate: float, masks: int) -> list[int]:
         storages = {ptr: n for ref, ptr, n in rec.items if ref() is not None}
         for t in closure or ():
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        values.append(sum(n for ptr, n in storages.items() if ptr not in rec.exclude))
+        exclude = rec.exclude | _quant_state_storages(c.model)
+        values.append(sum(n for ptr, n in storages.items() if ptr not in exclude))
         del loss
     if closure is not None:
         closure.clear()
