@@ -241,8 +241,11 @@ def _unscaled(out: fx.Node, reader: fx.Node, stream: fx.Node, dfg, root) -> tupl
     Returns (the branch output, the node that reads it): ``(out, reader)`` when ``out`` is no such product.
     """
     product = out
-    while gv.is_alias(product) and isinstance(product.args[0], fx.Node) and len(product.args[0].users) == 1:
-        product = product.args[0]  # ``(s * f).to(dtype)``
+    while (gv.is_alias(product) or _is_broadcast_view(product)) and isinstance(product.args[0], fx.Node) \
+            and len(product.args[0].users) == 1:
+        # ``(s * f).to(dtype)``; Qwen4-exp's ``(f.unsqueeze(-2) * post.unsqueeze(-1)).flatten(-2)``: the
+        # per-stream product laid out as the streams again
+        product = product.args[0]
     if not (_is_mul(product) and len(product.args) == 2 and all(isinstance(t, fx.Node) for t in product.args)):
         return out, reader
     a, b = product.args

@@ -137,6 +137,7 @@ class BlockSpec:
     d_out: int = 8  # projection
     post_norm: bool = False  # projection: ``norm(f(x) + proj(x))``
     after: str = "none"  # none | relu_half: a decoy add between this block and the next
+    hyper_skip: str = "comb"  # hyper: comb (DeepSeek-V4: comb^T @ H) | identity (Qwen4-exp: H + (f ⊗ post).flatten)
 
 
 @dataclass(frozen=True)
@@ -651,7 +652,11 @@ class HyperBlock(nn.Module):
     weights ``pre, post, comb`` come from one projection of ``H``, and the block adds
     ``post * f(norm(pre . H)) + comb^T @ H`` before summing the copies again. The gate closes ``f`` and the
     ``pre`` mixing that feeds only ``f``; ``post`` and ``comb`` (computed beside ``f``, applied by the code
-    that adds it) keep their gradient: what the oracle gets by detaching ``f``'s output."""
+    that adds it) keep their gradient: what the oracle gets by detaching ``f``'s output.
+
+    ``hyper_skip="identity"`` (Qwen4-exp's gated residual): the streams stay flat, ``(B, T, n * d)``, and the
+    block adds ``H + (f.unsqueeze(-2) * post.unsqueeze(-1)).flatten(-2)``, no ``comb``: the product reaches the
+    add through a view laying it out as the streams again."""
 
     N = 2
 
@@ -671,12 +676,17 @@ class HyperBlock(nn.Module):
         pre = torch.sigmoid(w[..., :n] + self.base[:n])
         post = 2 * torch.sigmoid(w[..., n:2 * n] + self.base[n:2 * n])
         comb = torch.softmax(w[..., 2 * n:].view(BATCH, T, n, n) + self.base[2 * n:].view(n, n), dim=-1)
+        if self.spec.hyper_skip == "identity":  # the flat streams are the stream: the mix reads them
+            H = flat.view(BATCH, T, n, -1)
         out = self.f((pre.unsqueeze(-1) * H).sum(dim=2), mask)
+        if self.spec.hyper_skip == "identity":
+            flat = flat + (out.unsqueeze(-2) * post.unsqueeze(-1)).flatten(-2)
+            return flat.view(BATCH, T, n, -1).sum(dim=2)
         H = post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), H)
         return H.sum(dim=2)
 
     def truth(self, path: str) -> Truth:
-        return self.f.truth(f"{path}.f", "projection")
+        return self.f.truth(f"{path}.f", "identity" if self.spec.hyper_skip == "identity" else "projection")
 
 
 BLOCKS = {"seq": SeqBlock, "parallel": ParallelBlock, "projection": ProjectionBlock, "hyper": HyperBlock}
@@ -810,7 +820,7 @@ def block_specs(draw) -> BlockSpec:
     if kind == "hyper":  # f at least two layers deep: heavier than the one projection giving pre/post/comb
         f = draw(branch_specs(bodies=("mlp", "func", "attn", "kernel"), styles=("pre",), flat_ok=False))
         return BlockSpec("hyper", (replace(f, hidden=max(f.hidden, 8), norm_in_block=False, cache=False),),
-                         after=after)
+                         after=after, hyper_skip=draw(st.sampled_from(["comb", "identity"])))
     # projection: f = mlp or nested (>= 2 Linear layers, heavier than proj), proj = one Linear.
     # style "pre": f starts with its own norm; "post": it does not (the block may end in a norm: post_norm).
     bodies = ("mlp", "nested", "func", "kernel")

@@ -370,6 +370,10 @@ EXAMPLES = {
     # DeepSeek-V4's hyper-connections: ``post * f(pre . H) + comb^T @ H``, the skip a mix of the streams
     "hyper_connection": rn.NetSpec((rn.BlockSpec("hyper", (B("mlp"),)), rn.BlockSpec("hyper", (B("attn", rope=True),)),
                                     seq(B("mlp"))), repeat_last=True),
+    # Qwen4-exp's gated residual: ``H + (f ⊗ post).flatten(-2)``, the streams kept flat, no comb
+    "hyper_injection": rn.NetSpec((rn.BlockSpec("hyper", (B("mlp"),), hyper_skip="identity"),
+                                   rn.BlockSpec("hyper", (B("attn", rope=True),), hyper_skip="identity")),
+                                  repeat_last=True),
     "pos_embedding": rn.NetSpec((seq(B("mlp")),), stem="pos"),
     "arange_offset": rn.NetSpec((seq(B("mlp")),), stem="arange_pos"),
 }
@@ -694,6 +698,19 @@ def test_regression_hyper_connection_mix_skip_keeps_post_and_comb_in_the_trunk(i
                                           seed=3), ALTERNATE)
     net, _ = rn.build(spec)
     assert all(p.grad is None for p in net.parameters())  # the built net itself never trained
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_regression_hyper_injection_keeps_post_in_the_trunk(inner):
+    """Qwen4-exp (catalogue, issue 24): ``H + (f.unsqueeze(-2) * post.unsqueeze(-1)).flatten(-2)``; the view
+    after the product hid it, so the whole product was the branch and a closed gate took ``post``'s gradient
+    (``block_inject_weight``, ``hc_norm`` and the embeddings differed from the oracle). The product is now
+    found through the view, ``post`` stays in the trunk, and the branch ends at ``f``'s output."""
+    spec = EXAMPLES["hyper_injection"]
+    net, truth = rn.build(spec)
+    assert {g.name for g in truth.gates} == {"blocks.0.f", "blocks.1.f", "blocks.1.f#1"}
+    check_compiled(spec, dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False,
+                                          seed=3), ALTERNATE)
 
 
 @pytest.mark.parametrize("name", ["nested_iadd_out_in_parallel", "pre_norm", "post_norm", "parallel_left", "decoys",
