@@ -3,6 +3,8 @@
     python -m benchmarks.convergence                       # full run, 1 torch thread (~70-90 min on 2 CPU cores)
     python -m benchmarks.convergence --quick               # tiny sizes, a few steps: a smoke test
     python -m benchmarks.convergence --tasks search --seeds 0,1 --configs sensitivity_p0.5
+    python -m benchmarks.convergence --screen              # every mechanism alone and combined, 2 seeds
+    python -m benchmarks.convergence --merge benchmarks/results/convergence a/convergence.json b/convergence.json
 
 Writes ``benchmarks/results/convergence.{json,md,png}`` (``convergence-quick.*`` with ``--quick``); the tables
 also go to stdout.
@@ -369,7 +371,35 @@ def task_sizes(task: str, args) -> Sizes:
     return replace(sizes, eval_every=k, steps=max(k * args.window, math.ceil(n / k) * k))
 
 
+def merge(paths: list[str], stem: str) -> dict:
+    """One results file from runs of disjoint tasks (two processes, one per core): tasks, errors and commands
+    joined; written to ``stem.{json,md,png}``."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    results = copy.deepcopy(runs[0])
+    for other in runs[1:]:
+        clash = set(other["meta"]["tasks"]) & set(results["meta"]["tasks"])
+        if clash:
+            raise SystemExit(f"--merge: tasks {sorted(clash)} are in more than one file")
+        results["meta"]["tasks"].update(other["meta"]["tasks"])
+        results["meta"]["errors"].update(other["meta"]["errors"])
+        results["meta"]["command"] += " ; " + other["meta"]["command"]
+        results["meta"]["run_s"] = max(results["meta"]["run_s"], other["meta"]["run_s"])
+        results.update({t: other[t] for t in other["meta"]["tasks"] if t in other})
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(report.markdown(results))
+    report.plot(results, stem + ".png", results["meta"]["window"])
+    return results
+
+
 def main(argv=None) -> dict:
+    argv_list = sys.argv[1:] if argv is None else list(argv)
+    if argv_list[:1] == ["--merge"]:  # python -m benchmarks.convergence --merge OUT_STEM A.json B.json ...
+        return merge(argv_list[2:], argv_list[1])
     args = parse_args(argv)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, "build", "inductor-cache"))
     threads = torch.get_num_threads()
