@@ -80,7 +80,8 @@ def run_one_subprocess(model_type: str, mapping: str, inner: str, timeout: float
     start = time.perf_counter()
     rec = Record(mapping, model_type, inner, date=datetime.date.today().isoformat())
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "DROPBP_CATALOGUE_TIMEOUT": str(timeout - 5)})
     except subprocess.TimeoutExpired:
         rec.status, rec.reason = "timeout", f"no result within {timeout:.0f} s"
         rec.seconds = round(time.perf_counter() - start, 1)
