@@ -34,25 +34,6 @@ class Task:
     dataset: dict
 
 
-def classify_task(path: str, tokenizer, sizes) -> Task:
-    """Docstring -> module classification (the main command's task), new classifier head per seed."""
-    data = docstring_dataset()
-    labels = labels_of(data)
-    train, evals = split(data, 0.25) if not sizes.n_eval else (data[sizes.n_eval:], data[:sizes.n_eval])
-    train_t, eval_t = tokenize(tokenizer, train, labels, sizes.seq), tokenize(tokenizer, evals, labels, sizes.seq)
-
-    def run_eval(model) -> dict:
-        acc, loss = evaluate(model, eval_t)
-        return {"eval_loss": loss, "eval_acc": acc}
-
-    return Task("classify", "docstring -> module classification (MiniLM + new head)",
-                f"{len(data)} docstrings of {len(labels)} standard-library modules, {len(train)} train / "
-                f"{len(evals)} held out; metrics: held-out cross-entropy, accuracy.",
-                {"eval_loss": False, "eval_acc": True}, train_t, eval_t,
-                lambda seed: load_minilm(path, len(labels), seed), run_eval,
-                dataset_info(data, train, evals, labels))
-
-
 def _pack(tokenizer, docs: list[str], seq: int, n: int, rng: random.Random) -> str:
     """Docstrings of one module drawn without replacement (``rng``) and joined until about ``seq`` tokens."""
     order = rng.sample(range(len(docs)), len(docs))

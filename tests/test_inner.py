@@ -25,12 +25,14 @@ def _force(dbp, closed):
     dbp.set_rates({g: (0.999999999 if g in closed else 0.0) for g in dbp.gate_names})
 
 
-def _oracle_steps(arch, inner, steps, seed=3):
+def _oracle_steps(arch, inner, steps, seed=3, **options):
+    """``steps`` training steps of ``arch`` under ``inner`` (and ``options``), each checked against the hook
+    oracle; masks must vary. Returns the DropBP."""
     factory, expected, renames, _ = MODELS[arch]
     torch.manual_seed(0)
     model = factory().train()
     oracle_model = copy.deepcopy(model)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=seed, inner=inner)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=seed, inner=inner, **options)
     compiled = torch.compile(model, backend=dbp)
     seen = set()
     for step in range(steps):
@@ -453,14 +455,15 @@ def test_simplify_workaround_is_scoped_to_dropbp_compiles(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(GraphLowering, "codegen", spy)
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # each run generates code
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
 
     def run(backend):
         during.clear()
         torch._dynamo.reset()
         torch.manual_seed(0)
-        torch.compile(Net(depth=2), backend=backend)(torch.randn(8, 16)).backward()
+        # each run generates code; config.patch, not monkeypatch: monkeypatch's undo of a torch config entry
+        # hides the entry for the rest of the process ("... does not exist")
+        with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+            torch.compile(Net(depth=2), backend=backend)(torch.randn(8, 16)).backward()
         assert during  # compiled something
         seen = set(during)
         for n in names:

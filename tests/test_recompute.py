@@ -6,7 +6,6 @@ controller nothing."""
 
 from __future__ import annotations
 
-import copy
 import weakref
 
 import pytest
@@ -19,36 +18,13 @@ from tests.oracle import assert_same_grads, detached, grads
 
 transformers = pytest.importorskip("transformers")
 
-from tests.test_transformers import MODELS, _batch, _oracle_grads  # noqa: E402
-
-
-def _llama_steps(inner, recompute, steps=4, seed=3):
-    """Run ``steps`` steps of the tiny Llama against the oracle; returns the DropBP and the masks seen."""
-    factory, expected, renames, _ = MODELS["llama"]
-    torch.manual_seed(0)
-    model = factory().train()
-    oracle_model = copy.deepcopy(model)
-    dbp = dropbp_fx.DropBP(drop_rate=0.5, seed=seed, inner=inner, recompute=recompute)
-    compiled = torch.compile(model, backend=dbp)
-    masks = set()
-    for step in range(steps):
-        batch = _batch(step)
-        model.zero_grad(set_to_none=True)
-        out = compiled(**batch)
-        out.loss.backward()
-        dropped = [g for g, d in dbp.last_mask.items() if d]
-        masks.add(tuple(dropped))
-        ref, ref_grads = _oracle_grads(oracle_model, batch, dropped, renames)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
-        assert_same_grads(grads(model), ref_grads, rtol=1e-4, atol=1e-5)
-    assert dbp.gate_names == expected
-    return dbp, masks
+from tests.test_inner import _oracle_steps  # noqa: E402
+from tests.test_transformers import MODELS  # noqa: E402
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
 def test_recompute_matches_hook_oracle_on_llama(inner):
-    dbp, masks = _llama_steps(inner, recompute=True)
-    assert len(masks) >= 3, "masks should vary, so that gates switch between open and closed"
+    dbp = _oracle_steps("llama", inner, steps=4, recompute=True)  # the oracle on every step; masks vary
     assert dbp.step == 4  # one mask per step: the recompute in backward drew none
     assert all(calls == 4 for _, calls in dbp.counts().values())  # the controller saw forward calls only
 
