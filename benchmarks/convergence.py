@@ -1,6 +1,6 @@
 """Convergence benchmark: does DropBP reach the baseline's quality sooner, in wall-clock?
 
-    python -m benchmarks.convergence                       # full run, 1 torch thread (~70-90 min on 2 CPU cores)
+    python -m benchmarks.convergence                       # final run: 3 tasks, 5 seeds (~3 h on one CPU core)
     python -m benchmarks.convergence --quick               # tiny sizes, a few steps: a smoke test
     python -m benchmarks.convergence --tasks search --seeds 0,1 --configs sensitivity_p0.5
     python -m benchmarks.convergence --screen              # every mechanism alone and combined, 2 seeds
