@@ -37,6 +37,7 @@ class OptimizerLink:
     def __init__(self, dbp, optimizer: torch.optim.Optimizer, mode: str, cap: float) -> None:
         self.dbp, self.optimizer, self.mode, self.cap = dbp, optimizer, mode, cap
         self._before: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self._members: tuple | None = None  # ((gates, gate params) seen, [(parameter, gate slot)])
         self.scaled_steps = 0  # steps at which lr_scale moved a parameter (a test reads it)
         self._handles = []
         if mode != "none":
@@ -50,28 +51,30 @@ class OptimizerLink:
         self._handles = []
 
     def _gated(self) -> list[tuple[torch.Tensor, float]]:
-        """(parameter, its gate's rate at the current step) for every trainable parameter of a gated branch."""
+        """(parameter, its gate's rate at the current step) for every trainable parameter of a gated branch that
+        this optimizer holds. Which parameters those are is worked out again only when gates or parameters were
+        added (a recompile); per step only the rates are read."""
         model = self.dbp.model()
         controller = self.dbp.controller
         if model is None or not controller.gates:
             return []
-        by_name = dict(model.named_parameters())
-        step = max(0, controller.step - 1)
-        out, seen = [], set()
-        for gate, rate in zip(controller.gates, controller.rates_at(step)):
-            for name in sorted(gate.params):
-                p = by_name.get(name)
-                if p is not None and p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append((p, rate))
-        return out
-
-    def _in_optimizer(self) -> set[int]:
-        return {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        key = (len(controller.gates), len(controller.gate_params))
+        if self._members is None or self._members[0] != key:
+            by_name = dict(model.named_parameters())
+            owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            members, seen = [], set()
+            for slot, gate in enumerate(controller.gates):
+                for name in sorted(gate.params):
+                    p = by_name.get(name)
+                    if p is not None and p.requires_grad and id(p) in owned and id(p) not in seen:
+                        seen.add(id(p))
+                        members.append((p, slot))
+            self._members = (key, members)
+        rates = controller.rates_at(max(0, controller.step - 1))
+        return [(p, rates[slot]) for p, slot in self._members[1]]
 
     def _pre(self, optimizer, args, kwargs) -> None:
-        owned = self._in_optimizer()
-        gated = [(p, rate) for p, rate in self._gated() if id(p) in owned]
+        gated = self._gated()
         if self.mode == "zero":
             for p, _ in gated:
                 if p.grad is None:
