@@ -69,8 +69,8 @@ from dropbp_fx.demo import realised_drop  # noqa: E402
 log = logging.getLogger("benchmarks.convergence")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("classify", "search", "mlm")
-# the final run: the baseline, today's default, the recommended configuration and the next contender
-CONFIGS = ("baseline", "sensitivity_p0.5", "recommended", "sensitivity_p0.5+zero")
+# the final run: the baseline, today's default, the recommended configuration and the automatic rate alone
+CONFIGS = ("baseline", "sensitivity_p0.5", "recommended", "auto")
 # the screening run (python -m benchmarks.convergence --screen): each mechanism alone and combined, 2 seeds
 SCREEN_CONFIGS = ("sensitivity_p0.5", "sensitivity_p0.5+zero", "sensitivity_p0.5+lr", "sensitivity_p0.75+lr",
                   "sensitivity_p0.5+down", "sensitivity_p0.5+lr+down", "sensitivity_p0.5+lr+recal", "auto+lr")
