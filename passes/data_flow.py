@@ -1,5 +1,6 @@
 """The data-flow graph of an FX graph: a ``networkx`` graph with an edge where a node consumes another's *data*
-(not a shape, not a constant), and path queries on it. Re-exported by :mod:`dropbp_fx.passes.graph_view`."""
+(not a shape, not a constant), and path queries on it. Built on :mod:`.predicates` and :mod:`.views` alone;
+re-exported by :mod:`dropbp_fx.passes.graph_view`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .graph_view import (_reads_data, carries_grad, is_constant, is_shape_query, meta_value, mutates_first_arg,
-                         reads_only_metadata, view_bases)
+from .predicates import (carries_grad, is_constant, is_shape_query, meta_value, mutates_first_arg, reads_data,
+                         reads_only_metadata)
+from .views import view_bases
 
 
 def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -30,7 +32,7 @@ def metadata_nodes(graph: fx.Graph, constants: set[fx.Node]) -> set[fx.Node]:
     from_data: set[fx.Node] = set()  # ``int(h.sum().item()) % 2``: symbolic ints computed from data are data
     for node in graph.nodes:
         inputs = node.all_input_nodes
-        if _reads_data(node) or (any(a in from_data for a in inputs) and not isinstance(meta_value(node), torch.Tensor)):
+        if reads_data(node) or (any(a in from_data for a in inputs) and not isinstance(meta_value(node), torch.Tensor)):
             from_data.add(node)
             continue
         if is_shape_query(node) or (node.op.startswith("call") and any(a in meta for a in inputs)
@@ -127,7 +129,7 @@ def reaches_avoiding(g: nx.DiGraph, source: fx.Node, sink: fx.Node, avoid: set[f
 
 def differentiable_ancestors(g: nx.DiGraph, node: fx.Node) -> set[fx.Node]:
     """The nodes a gradient of ``node`` can reach: its ancestors along data paths of values that carry one
-    (:func:`~dropbp_fx.passes.graph_view.carries_grad`). An attention mask made from the token ids by
+    (:func:`~dropbp_fx.passes.predicates.carries_grad`). An attention mask made from the token ids by
     ``ids != pad`` shares the ids with the scores, but no gradient: it is not on their stream."""
     seen: set[fx.Node] = set()
     stack = [p for p in g.predecessors(node) if carries_grad(p)]

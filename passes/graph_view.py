@@ -1,4 +1,4 @@
-"""A networkx view of an FX graph, and the op vocabulary the residual passes need.
+"""The op vocabulary the residual passes need: "an add", "a parametric compute op", "an alias", "a constant".
 
 The same questions are asked of three graph dialects:
 
@@ -8,14 +8,15 @@ The same questions are asked of three graph dialects:
 * ``torch.export(...).module()``: aten overloads (``aten.linear.default``,
   ``aten.add.Tensor``), parameters as ``get_attr``.
 
-Everything dialect-specific lives here so the passes can speak of "an add", "a
-parametric compute op", "a constant" and "a data edge".
+Everything dialect-specific lives here and in the leaf :mod:`.predicates` (what a value is: a constant,
+metadata, data that carries a gradient), so the passes can speak of "an add", "a parametric compute op",
+"a constant" and "a data edge". The passes read all of it as ``gv.*``: this module re-exports the predicates,
+the module paths, the views and the networkx data-flow graph (:mod:`.data_flow`, built on the predicates alone).
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Iterable
 
 import torch
@@ -23,7 +24,11 @@ import torch.fx as fx
 from torch import nn
 
 from . import kernels
+from .data_flow import (between, constant_nodes, data_flow_graph, differentiable_ancestors,  # noqa: F401
+                        metadata_nodes, reaches, reaches_avoiding)
 from .module_paths import clean_module_path, common_module_path, module_path, structure_key  # noqa: F401
+from .predicates import (carries_grad, is_constant, is_shape_query, meta_value, mutates_first_arg,  # noqa: F401
+                         packet, reads_data, reads_only_metadata)
 from .views import view_bases  # noqa: F401
 
 aten = torch.ops.aten
@@ -36,14 +41,10 @@ _ADD_ATEN = {aten.add, aten.add_}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 
 
-def _packet(target):
-    return getattr(target, "overloadpacket", None)
-
-
 def is_add(node: fx.Node) -> bool:
     """``x + y`` in any dialect: ``operator.add/iadd``, ``torch.add``, ``Tensor.add(_)``, ``aten.add(_).Tensor``."""
     if node.op == "call_function":
-        return node.target in _ADD_FUNCTIONS or _packet(node.target) in _ADD_ATEN
+        return node.target in _ADD_FUNCTIONS or packet(node.target) in _ADD_ATEN
     if node.op == "call_method":
         return node.target in _ADD_METHODS
     return False
@@ -64,7 +65,7 @@ _DROPOUT_FUNCTIONS = {torch.nn.functional.dropout, torch.dropout}
 def is_dropout(node: fx.Node) -> bool:
     """``F.dropout(x, p, training)`` / ``aten.dropout``: a per-element scaling of ``x`` (its first argument)."""
     if node.op == "call_function":
-        return node.target in _DROPOUT_FUNCTIONS or _packet(node.target) is aten.dropout
+        return node.target in _DROPOUT_FUNCTIONS or packet(node.target) is aten.dropout
     return node.op == "call_method" and node.target == "dropout"
 
 
@@ -97,7 +98,7 @@ def is_compute(node: fx.Node, root: nn.Module | None = None) -> bool:
     """A parametric-compute node: matmul/linear/conv/attention, a module holding a >=2-D weight, or a kernel
     the vocabulary cannot name (a higher-order op, a custom op) that reads a weight or whose body computes."""
     if node.op == "call_function":
-        if node.target in _COMPUTE_FUNCTIONS or _packet(node.target) in _COMPUTE_ATEN:
+        if node.target in _COMPUTE_FUNCTIONS or packet(node.target) in _COMPUTE_ATEN:
             return True
         if kernels.is_kernel(node):
             return reads_weight(node, root) or kernels.body_computes(node, root, is_compute)
@@ -146,7 +147,7 @@ def is_alias(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _ALIAS_METHODS
     if node.op == "call_function":
-        return node.target in _ALIAS_FUNCTIONS or _packet(node.target) in _ALIAS_ATEN
+        return node.target in _ALIAS_FUNCTIONS or packet(node.target) in _ALIAS_ATEN
     return False
 
 
@@ -166,73 +167,8 @@ def closes_region(node: fx.Node) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# in-place ops
+# constants (parameters, buffers) and multi-output values (the predicates are in .predicates)
 # ---------------------------------------------------------------------------
-def mutates_first_arg(node: fx.Node) -> bool:
-    """``x.mul_(...)``, ``operator.iadd``, ``aten.*_`` overloads: the node writes into its first input."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__") or node.target.startswith("__i")
-    if node.op == "call_function":
-        # ``x[idx] = v`` (``operator.setitem``) writes into ``x`` too: transformers' MoE experts build the
-        # inverse permutation that way; unseen, the write is left outside the branch that reads ``x``.
-        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem):
-            return True
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and schema.arguments:
-            info = schema.arguments[0].alias_info
-            return bool(info is not None and info.is_write)
-    return False
-
-
-# ---------------------------------------------------------------------------
-# constants (parameters, buffers) and non-data values (shapes, dtypes)
-# ---------------------------------------------------------------------------
-_SHAPE_METHODS = {"size", "dim", "numel", "stride", "nelement", "ndimension", "get_device", "is_contiguous"}
-_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
-_SHAPE_ATEN = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
-_DYNAMO_CONSTANT = re.compile(r"_(parameters|buffers)_")
-
-
-def meta_value(node: fx.Node):
-    """The traced value of ``node`` (a fake tensor, a SymInt, a tuple of them), or None: Dynamo's ``example_value``
-    first (it keeps what ``.item()`` of a dynamic float returns), else the ``val`` of ``FakeTensorProp``/export."""
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
-_COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "argmax",
-                "argmin", "long", "int", "bool"}
-_COMPARISON_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
-
-
-def carries_grad(node: fx.Node) -> bool:
-    """Can a gradient flow through ``node``'s value: a floating-point (or complex) tensor, a tuple holding one.
-    Integer and boolean tensors (token ids, ``ids != pad``, a comparison) cannot. With no traced value
-    (``symbolic_trace``), what the op is: a comparison, ``argmax``, ``.long()`` cannot; anything else may."""
-    value = meta_value(node)
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if tensors:
-        return any(t.is_floating_point() or t.is_complex() for t in tensors)
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return value is not None or not (node.target in _COMPARISON_FUNCTIONS or
-                                     (node.op in ("call_method", "call_function") and name in _COMPARISONS))
-
-
-def is_shape_query(node: fx.Node) -> bool:
-    """A node whose value is metadata of a tensor (size, dtype, ...), not data derived from it."""
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return True
-    if node.op == "call_function":
-        if node.target is getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS:
-            return True
-        if _packet(node.target) in _SHAPE_ATEN:
-            return True
-    if _reads_data(node):  # ``h.sum().item()``: a symbolic int whose value depends on the data of ``h``
-        return False
-    value = meta_value(node)
-    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Size, torch.dtype, torch.device))
-
-
 def is_multi_output(node: fx.Node) -> bool:
     """A node whose value is a tuple or list (``split``, ``topk``, a gate call) that ``getitem`` unpacks."""
     value = meta_value(node)
@@ -240,41 +176,6 @@ def is_multi_output(node: fx.Node) -> bool:
         return isinstance(value, (tuple, list))
     return node.op != "placeholder" and bool(node.users) and all(
         u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users)
-
-
-# Operands an op reads only the metadata of (shape, dtype): ``bias.expand_as(x)`` (GPT-NeoX-Japanese's attention
-# bias), ``w.view_as(x)``, ``y.type_as(x)``. No gradient flows into them, so they are no data edge:
-# ``bias.expand_as(residual)`` is a bias, not a value of the stream. (Factories such as ``x.new_ones(n)`` keep
-# their edge: the fresh buffer belongs with the values written into it.)
-_METADATA_OPERAND_METHODS = {"expand_as": 1, "view_as": 1, "reshape_as": 1, "type_as": 1}
-
-
-def reads_only_metadata(user: fx.Node, arg: fx.Node) -> bool:
-    """Does ``user`` read nothing of ``arg`` but its metadata (every place ``arg`` appears in its arguments)?"""
-    if not (user.op == "call_method" and user.target in _METADATA_OPERAND_METHODS):
-        return False
-    places = [i for i, a in enumerate(user.args) if a is arg]
-    return places == [_METADATA_OPERAND_METHODS[user.target]] and arg not in user.kwargs.values()
-
-
-def _reads_data(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in ("item", "tolist")
-    return node.op == "call_function" and _packet(node.target) is aten._local_scalar_dense
-
-
-def is_constant(node: fx.Node) -> bool:
-    """A parameter or buffer: ``get_attr``, or a Dynamo placeholder for ``L['self']...parameters/buffers``."""
-    if node.op == "get_attr":
-        return True
-    if node.op == "placeholder":
-        if isinstance(meta_value(node), nn.Parameter):
-            return True
-        grapharg = node.meta.get("grapharg")
-        if grapharg is not None and isinstance(getattr(grapharg, "example", None), nn.Parameter):
-            return True
-        return bool(_DYNAMO_CONSTANT.search(str(node.target)))
-    return False
 
 
 def constant_numel(node: fx.Node, root: nn.Module | None) -> int:
@@ -331,6 +232,3 @@ def compute_depth(nodes: Iterable[fx.Node], root: nn.Module | None) -> int:
         depth[node] = best + (1 if is_compute(node, root) else 0)
     return max(depth.values(), default=0)
 
-
-from .data_flow import (between, constant_nodes, data_flow_graph, differentiable_ancestors, metadata_nodes,  # noqa: E402,F401
-                        reaches, reaches_avoiding)

@@ -32,6 +32,46 @@ def _imports(path: pathlib.Path) -> set[str]:
     return names
 
 
+def _installed_name(path: pathlib.Path) -> str:
+    """``passes/data_flow.py`` -> ``dropbp_fx.passes.data_flow``; ``dropbp_fx/demo/__init__.py`` -> ``dropbp_fx.demo``."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "passes":
+        parts = ["dropbp_fx", *parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> "nx.DiGraph":
+    """Module -> the project modules it imports (at the top or inside a function), by installed name."""
+    import networkx as nx
+
+    files = {_installed_name(p): p for p in [*(ROOT / "dropbp_fx").rglob("*.py"), *(ROOT / "passes").glob("*.py")]}
+    g = nx.DiGraph()
+    g.add_nodes_from(files)
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(filter(None, [base, node.module]))
+                # ``from . import graph_view``: the submodule; ``from .data_flow import between``: the module
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in files else module for a in node.names]
+            else:
+                continue
+            g.add_edges_from((name, t) for t in targets if t in files and t != name)
+    return g
+
+
+def test_no_import_circle_in_the_passes():
+    """No module of the passes imports one that imports it back, directly or through others (runtime modules
+    included), counting imports inside functions too."""
+    import networkx as nx
+
+    cycles = [c for c in nx.simple_cycles(import_graph()) if any(m.startswith("dropbp_fx.passes.") for m in c)]
+    assert not cycles, cycles
+
+
 def test_passes_depend_on_nothing_in_the_runtime():
     offending = {p.name: sorted(n for n in _imports(p) if n.split(".")[0] in ("dropbp_fx", "passes"))
                  for p in (ROOT / "passes").glob("*.py")}
