@@ -108,10 +108,7 @@ def find_branches(job: GraphJob) -> None:
     """Find the residual branches ``x + f(x)`` (analysis only) and name them by module path."""
     from dropbp_fx.passes.residuals import find_residual_branches
 
-    job.analysis = find_residual_branches(job.gm)
-    if job.prefix:
-        for branch in job.analysis.branches + job.analysis.nested:
-            branch.name = f"{job.prefix}.{branch.name}" if branch.name else job.prefix
+    job.analysis = find_residual_branches(job.gm, frame=job.prefix)
 
 
 def choose_nests(job: GraphJob) -> None:

@@ -50,13 +50,14 @@ from torch import nn
 from . import branch_members as members
 from . import graph_view as gv
 from . import views
+from .branch_names import BranchPath, branch_path, gate_name, name_branches
 
 
 @dataclass
 class ResidualBranch:
     """One residual branch ``add = skip + output``; ``nodes`` compute ``output``."""
 
-    name: str
+    path: BranchPath  # where it sits; its name is ``gate_name(path)``
     add: fx.Node
     skip: fx.Node
     output: fx.Node
@@ -67,6 +68,10 @@ class ResidualBranch:
     weight: int  # parameter elements used by the branch's compute nodes
     partial_sum: fx.Node | None = None  # parallel terms: the add that sums this term with the others
     stream: fx.Node | None = None  # the residual-stream value the branch reads (one of ``inputs``)
+
+    @property
+    def name(self) -> str:
+        return gate_name(self.path)
 
     def __repr__(self) -> str:
         return (f"ResidualBranch({self.name!r}, kind={self.kind}, add={self.add.name}, skip={self.skip.name}, "
@@ -93,8 +98,9 @@ class ResidualAnalysis:
 _Reject = members.Reject
 
 
-def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None) -> ResidualAnalysis:
-    """Return the residual branches of ``gm`` (innermost ones), the nested outer ones, and the adds skipped."""
+def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None, frame: str = "") -> ResidualAnalysis:
+    """Return the residual branches of ``gm`` (innermost ones), the nested outer ones, and the adds skipped.
+    ``frame``: the module path of the frame ``gm`` was traced for (its branches' names start with it)."""
     root = gm if root is None else root
     graph = gm.graph
     dfg = gv.data_flow_graph(graph)
@@ -124,7 +130,7 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None)
         by_add[node] = branches
 
     found = [b for branches in by_add.values() for b in branches]
-    _name_branches(found, root)
+    name_branches(found, root, frame)
     adds = {b.add for b in found}
     for branch in found:
         members = set(branch.nodes)
@@ -349,58 +355,9 @@ def _make_branch(add, skip, out, reader, stream, kind, dfg, stream_parent, root,
                 inputs[arg] = None
     side = [n for n in ordered if n is not out and any(u not in nodes for u in n.users)]
     weight = sum(gv.node_weight(n, root, dfg.graph["constants"]) for n in compute)
-    return ResidualBranch(_branch_name(compute, add), residual_add or add, skip, out, ordered, list(inputs), side,
+    return ResidualBranch(branch_path(compute, add), residual_add or add, skip, out, ordered, list(inputs), side,
                           kind, weight, stream=stream if stream in inputs else None)
-
-
-def _branch_name(compute: list[fx.Node], add: fx.Node) -> str:
-    """The module path shared by the branch's compute nodes (``model.layers.3.mlp``).
-
-    When that module also holds the residual add (BERT's ``layer.0`` holds the FFN and
-    its add), the branch is only part of it: name the parts, ``bert.encoder.layer.0.{intermediate,output}``.
-    """
-    paths = [gv.module_path(n) for n in compute]
-    return _name_within(gv.common_module_path(paths), paths, add, single_part_braced=False)
-
-
-def _name_within(name: str, paths: list[str], add: fx.Node, *, single_part_braced: bool) -> str:
-    """``name`` itself, or, when the module at ``name`` also holds ``add`` (so that ``name`` would read as the
-    whole module, skip included), ``name.{a,b}``: the submodules of it that ``paths`` run in.
-    ``single_part_braced``: one such submodule ``a`` is named ``name.{a}`` (kept apart from a branch named
-    ``name.a`` inside it), not ``name``."""
-    add_path = gv.module_path(add)
-    if name and add_path != name and not add_path.startswith(name + "."):
-        return name
-    depth = len(name.split(".")) if name else 0
-    parts = list(dict.fromkeys(p.split(".")[depth] for p in paths if p and len(p.split(".")) > depth))
-    if len(parts) > 1 or (parts and single_part_braced):
-        return f"{name}.{{{','.join(parts)}}}" if name else f"{{{','.join(parts)}}}"
-    return name
 
 
 def _topo(nodes, dfg) -> list[fx.Node]:
     return sorted(nodes, key=lambda n: dfg.nodes[n]["index"])
-
-
-def _name_branches(branches: list[ResidualBranch], root: nn.Module) -> None:
-    """Name each branch by its module path; repeats (a shared layer applied twice) get ``#1``, ``#2``.
-
-    A branch holding another branch of the same name (its only parametric compute is the inner branch's:
-    ``x + relu(h + f(h))``) is named by the module path shared by all its nodes (``b0``, not ``b0.inner#1``),
-    or by its computing parts when that module also holds the outer add.
-    """
-    for outer in branches:
-        members = set(outer.nodes)
-        if any(b is not outer and b.name == outer.name and b.add in members for b in branches):
-            paths = [p for p in (gv.module_path(n) for n in outer.nodes if n.op != "get_attr") if p]
-            shared = gv.common_module_path(paths)
-            # a module holding the add too is named by the parts that compute (SwiftFormer's ``blocks.0.{attn}``:
-            # the attention, with the inner ``attn`` branch, and the layer scale of ``blocks.0``, which adds it)
-            computing = [gv.module_path(n) for n in outer.nodes if gv.is_compute(n, root)]
-            outer.name = _name_within(shared, computing, outer.add, single_part_braced=True) if shared else outer.name
-    seen: dict[str, int] = {}
-    for branch in branches:
-        base = branch.name or f"branch_{branch.add.name}"
-        count = seen.get(base, 0)
-        seen[base] = count + 1
-        branch.name = base if count == 0 else f"{base}#{count}"
