@@ -251,8 +251,9 @@ def render(data: dict) -> str:
               "Each type: `AutoConfig.for_model(type)` shrunk by one generic rule (`dropbp_fx/shrink.py`: 2 layers, "
               "hidden 64, 4 heads, vocabulary 256, dropout 0, ...), fp32, train mode, seed 0; "
               f"`torch.compile(model, backend=\"dropbp\", options={{\"drop_rate\": 0.5, ...}})`, 4 SGD steps; each "
-              "step the forward must equal the eager model's and the gradients the hook oracle's (`tests/oracle.py`: "
-              "the eager model with the dropped gates' modules detached), within rtol 1e-4 / atol 1e-5.", "",
+              "step the forward must equal the eager model's and the gradients the hook oracle's "
+              "(`dropbp_fx/testing.py`: the eager model with the dropped gates' modules detached), within rtol 1e-4 / "
+              "atol 1e-5.", "",
               "Statuses: " + "; ".join([
                   "**WRONG GRADIENT** (the worst: silently wrong training)", "**wrong forward**",
                   "**fail** (dropbp raised)", "**no gates (silent)** (nothing gated, no warning)",

@@ -1,6 +1,6 @@
 """The per-model check of the catalogue (``benchmarks/catalogue.py``): build one model type from its default
 config shrunk by :mod:`dropbp_fx.shrink`, train it 4 steps through ``torch.compile(backend="dropbp")`` and
-compare every step with the independent hook oracle of ``tests/oracle.py``.
+compare every step with the independent hook oracle of ``dropbp_fx/testing.py``.
 
 The oracle needs, for every gate, the module whose output is exactly the branch value (the oracle detaches
 it on the steps that gate was dropped). It is found from the gate name and one recorded eager forward,
@@ -9,7 +9,7 @@ member to run), then, while the value it returned is the *only* tensor input of 
 been changed in place), that module -- a sandwich post-norm (Gemma2, OLMo2), BERT's output dense and
 dropout. From there the branch goes on through the ops that read only its value and parameters broadcast
 onto it (``(f(x) + b) * s`` inside a module that also takes the skip: Zaya's residual scaling), which
-``tests/oracle.py`` runs detached too. A chain link must be the only reader of the value, functional ops
+``dropbp_fx/testing.py`` runs detached too. A chain link must be the only reader of the value, functional ops
 included (the recorded forward notes every op's inputs and module). A gate module that holds its own
 residual add -- its output, or its post-norm leaf's only input, was made by ``x + b`` with ``x`` one of its
 inputs (XLNet's attention: ``layer_norm(dropout(attn) + h)``) -- is an :class:`OwnResidual`: the oracle keeps
@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import dropbp_fx
 from dropbp_fx.models import MAPPINGS, SEQ, batch_fn, build, model_types  # noqa: F401 (re-exported)
-from tests.oracle import assert_same_grads, detached, grads
+from dropbp_fx.testing import assert_same_grads, detached, grads
 
 STEPS = 4
 DROP_RATE = 0.5

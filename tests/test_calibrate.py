@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import dropbp_fx  # noqa: E402
 from dropbp_fx.allocate import flops_weighted_rate  # noqa: E402
-from tests.oracle import detached  # noqa: E402
+from dropbp_fx.testing import detached  # noqa: E402
 
 
 def _spearman(a, b):

@@ -147,7 +147,7 @@ class SharedLayerNet(nn.Module):
 
 def test_oracle_maps_each_call_of_a_shared_layer_to_that_call():
     """``name#k`` is the k-th call; the oracle detaches that call only, and its gradients are the backend's."""
-    from tests.oracle import assert_same_grads, detached, grads
+    from dropbp_fx.testing import assert_same_grads, detached, grads
 
     import dropbp_fx
 
@@ -209,7 +209,7 @@ class TwoStreamNet(nn.Module):
 def test_oracle_maps_two_gates_of_one_call_to_its_two_outputs():
     """A gate per tensor output of one call (``name``, ``name#1``): ``(path, 0, j)``, and the hook oracle
     detaches that output alone (the reference detaches it by hand)."""
-    from tests.oracle import detached, grads
+    from dropbp_fx.testing import detached, grads
 
     net, x, (calls, modules, params, leaves) = _recorded(TwoStreamNet)
     names = ["attn", "attn#1"]
@@ -260,7 +260,7 @@ def test_oracle_detaches_a_bias_and_scale_applied_to_the_branch():
     """The bias and scale a module applies to the branch value before its add with the skip belong to the
     branch (dropbp gates them with it): the oracle runs them detached too, and dropbp agrees."""
     import dropbp_fx
-    from tests.oracle import assert_same_grads, detached, grads
+    from dropbp_fx.testing import assert_same_grads, detached, grads
 
     torch.manual_seed(0)
     net = ScaledNet()
@@ -306,7 +306,7 @@ def test_oracle_closes_the_whole_interpolating_term():
     """The oracle closes ``a * (f(h) - h)`` for the interpolating residual (docs/residuals.md): no gradient to
     ``f`` or ``a``, the skip's gradient the identity; it equals the hand-detached form and dropbp agrees."""
     import dropbp_fx
-    from tests.oracle import assert_same_grads, detached, grads
+    from dropbp_fx.testing import assert_same_grads, detached, grads
 
     torch.manual_seed(0)
     net = _Interpolating()
@@ -350,7 +350,7 @@ def test_oracle_detaches_every_parallel_member_of_a_union():
     the oracle detaches each member (it detached the last one only, so the first kept its gradient: WRONG
     GRADIENT for GraniteMoeHybrid), and dropbp agrees."""
     import dropbp_fx
-    from tests.oracle import assert_same_grads, detached, grads
+    from dropbp_fx.testing import assert_same_grads, detached, grads
 
     torch.manual_seed(0)
     net = _SharedExpert()
@@ -408,7 +408,7 @@ def test_oracle_detaches_parametric_leaves_read_as_weights():
     weight, the hand-written drop (``conv(x).detach()``) agrees, and so does dropbp with the gate closed."""
     import dropbp_fx
     from benchmarks.catalogue_check import _oracle_step
-    from tests.oracle import assert_same_grads, grads
+    from dropbp_fx.testing import assert_same_grads, grads
 
     torch.manual_seed(0)
     net = ConvNet()
@@ -475,7 +475,7 @@ def test_oracle_keeps_the_skip_and_post_norm_of_a_module_with_its_own_residual_a
     add reads the value too) and agrees with dropbp."""
     import dropbp_fx
     from benchmarks.catalogue_check import OwnResidual, own_residual_detached
-    from tests.oracle import assert_same_grads, grads
+    from dropbp_fx.testing import assert_same_grads, grads
 
     torch.manual_seed(0)
     net = OwnPostNormNet()

@@ -33,7 +33,7 @@ from torch import nn
 
 import dropbp_fx
 from dropbp_fx.controller import DropController
-from tests.oracle import assert_same_grads, detached, grads
+from dropbp_fx.testing import assert_same_grads, detached, grads
 from tests.test_runtime import Block
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -13,7 +13,7 @@ from torch import nn
 
 import dropbp_fx
 from dropbp_fx.backend import DropBPWarning
-from tests.oracle import assert_same_grads, detached, grads
+from dropbp_fx.testing import assert_same_grads, detached, grads
 
 
 class Block(nn.Module):

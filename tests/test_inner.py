@@ -13,7 +13,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import dropbp_fx
-from tests.oracle import assert_same_grads, detached, grads
+from dropbp_fx.testing import assert_same_grads, detached, grads
 from tests.test_runtime import Block
 from tests.test_transformers import MODELS, _batch, _oracle_grads
 

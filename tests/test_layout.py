@@ -33,7 +33,8 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 
 def _installed_name(path: pathlib.Path) -> str:
-    """``passes/data_flow.py`` -> ``dropbp_fx.passes.data_flow``; ``dropbp_fx/demo/__init__.py`` -> ``dropbp_fx.demo``."""
+    """The name a file imports as: ``passes/data_flow.py`` -> ``dropbp_fx.passes.data_flow``,
+    ``dropbp_fx/demo/__init__.py`` -> ``dropbp_fx.demo``."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[0] == "passes":
         parts = ["dropbp_fx", *parts]
@@ -70,6 +71,26 @@ def test_no_import_circle_in_the_passes():
 
     cycles = [c for c in nx.simple_cycles(import_graph()) if any(m.startswith("dropbp_fx.passes.") for m in c)]
     assert not cycles, cycles
+
+
+def test_the_oracle_is_independent_of_the_code_under_test():
+    """``dropbp_fx.testing`` judges the backend: it imports torch and the standard library, nothing of the project."""
+    path = ROOT / "dropbp_fx" / "testing.py"
+    relative = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
+    outside = {n.split(".")[0] for n in _imports(path)} - {"__future__", "contextlib", "functools", "torch"}
+    assert not relative and not outside, (relative, outside)
+
+
+def test_benchmarks_and_tests_do_not_lean_on_each_other():
+    """The benchmarks import no test module; the tests import the benchmarks only in the tests of them (a test_*.py),
+    never in a helper module every test shares."""
+    def imports_package(path, package):
+        return any(n.split(".")[0] == package for n in _imports(path))
+
+    leaning = [p.name for p in (ROOT / "benchmarks").glob("*.py") if imports_package(p, "tests")]
+    helpers = [p.name for p in (ROOT / "tests").glob("*.py")
+               if not p.name.startswith("test_") and imports_package(p, "benchmarks")]
+    assert not leaning and not helpers, (leaning, helpers)
 
 
 def test_passes_depend_on_nothing_in_the_runtime():

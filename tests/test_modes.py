@@ -1,7 +1,7 @@
 """Training modes a real loop mixes in: varying shapes (dynamic and automatic dynamic), eval / no_grad /
 inference_mode calls mid-training, autocast, gradient accumulation, graph breaks.
 
-Every check compares gradients with the independent oracle (``tests/oracle.py``: the original module run
+Every check compares gradients with the independent oracle (``dropbp_fx/testing.py``: the original module run
 eagerly, the dropped gates' modules ``.detach()``-ed by forward hooks; the dropped set is
 ``get_dropbp(compiled).last_mask``), and bounds the compiles with torch's counters:
 ``counters["stats"]["unique_graphs"]`` (Dynamo graphs), ``counters["aot_autograd"]["total"]`` (AOTAutograd
@@ -24,7 +24,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import dropbp_fx
-from tests.oracle import assert_same_grads, detached, grads
+from dropbp_fx.testing import assert_same_grads, detached, grads
 
 D = 16
 

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import dropbp_fx  # noqa: E402
-from tests.oracle import assert_same_grads, detached, grads  # noqa: E402
+from dropbp_fx.testing import assert_same_grads, detached, grads  # noqa: E402
 
 VOCAB = 96
 

@@ -26,8 +26,8 @@ from torch.utils._pytree import tree_map
 
 import dropbp_fx
 from dropbp_fx.passes import find_residual_branches
+from dropbp_fx.testing import assert_same_grads, detached, grads
 from tests import random_nets as rn
-from tests.oracle import assert_same_grads, detached, grads
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

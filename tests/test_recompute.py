@@ -14,7 +14,7 @@ from torch import nn
 
 import dropbp_fx
 from dropbp_fx.gate import DropGate
-from tests.oracle import assert_same_grads, detached, grads
+from dropbp_fx.testing import assert_same_grads, detached, grads
 
 transformers = pytest.importorskip("transformers")
 

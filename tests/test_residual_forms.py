@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropbp_fx
-from tests.oracle import assert_same_grads, grads
+from dropbp_fx.testing import assert_same_grads, grads
 
 D = 8
 

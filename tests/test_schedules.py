@@ -15,7 +15,7 @@ from torch import nn
 import dropbp_fx
 from dropbp_fx.auto import choose_target, step_time_line
 from dropbp_fx.schedules import Schedule
-from tests.oracle import detached
+from dropbp_fx.testing import detached
 from tests.test_runtime import Block
 
 

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import dropbp_fx  # noqa: E402
 from dropbp_fx.passes import find_residual_branches  # noqa: E402
-from tests.oracle import assert_same_grads, detached, grads  # noqa: E402
+from dropbp_fx.testing import assert_same_grads, detached, grads  # noqa: E402
 
 LAYERS = 2
 VOCAB = 96

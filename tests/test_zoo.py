@@ -3,7 +3,7 @@ each compiled with ``torch.compile(model, backend=dropbp_fx.DropBP(...))`` and c
 
 1. the gate names (module paths) and hence the gate count;
 2. a forward equal to the eager model's;
-3. gradients equal to the independent oracle (``tests/oracle.py``): the original module, run eagerly,
+3. gradients equal to the independent oracle (``dropbp_fx/testing.py``): the original module, run eagerly,
    with the outputs of the modules whose gates were dropped that step ``.detach()``-ed by forward hooks;
    and every parameter of the repeated blocks consumed inside some gate, not in the trunk, unless the row
    names it (a value shared by several gates, or computed from another stream, stays in the trunk);
@@ -27,7 +27,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dropbp_fx  # noqa: E402
-from tests.oracle import assert_same_grads, detached, grads  # noqa: E402
+from dropbp_fx.testing import assert_same_grads, detached, grads  # noqa: E402
 
 T = transformers
 V = 96  # vocabulary

@@ -1,6 +1,25 @@
 """The independent oracle: the original module, run eagerly, with chosen submodules' outputs detached.
 
-Nothing here imports dropbp_fx or passes: the reference gradients come from plain PyTorch.
+What DropBP should give, computed without DropBP: run the plain model eagerly inside :func:`detached` (forward
+hooks that ``.detach()`` the outputs of the branches you name), call ``backward``, and compare :func:`grads`
+with those of the compiled step that dropped the same branches (:func:`assert_same_grads`)::
+
+    from dropbp_fx.testing import assert_same_grads, detached, grads
+
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager")
+    compiled = torch.compile(model, backend=dbp)
+    compiled(x).sum().backward()
+    got = grads(model)
+    dropped = [gate for gate, closed in dbp.last_mask.items() if closed]  # a one-module gate: its path
+    model.zero_grad(set_to_none=True)
+    with detached(model, dropped):
+        model(x).sum().backward()
+    assert_same_grads(got, grads(model))
+
+Independent of the code under test, so that it can judge it: this module imports only torch, never the rest of
+dropbp_fx nor its passes (no backend, pipeline, tracing or graph analysis; ``tests/test_layout.py`` checks
+this). Importing it as ``dropbp_fx.testing`` loads the package, but nothing here reads or calls it.
+The project's tests and benchmarks check the backend against it, and so can a user, on their own model.
 """
 
 from __future__ import annotations
