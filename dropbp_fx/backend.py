@@ -9,7 +9,8 @@ captures, :meth:`DropBP.__call__`:
 2. leaves graphs traced with grad disabled unchanged (in eval mode the gates stay open);
 3. refuses what DistributedDataParallel cannot train with per-step masks (:mod:`dropbp_fx.distributed`);
 4. runs the passes of :data:`dropbp_fx.pipeline.PIPELINE` on the graph: find the residual branches, gate
-   them, count their FLOPs, name them;
+   them, count their FLOPs, decide what each gate is; then commits what they found (:meth:`DropBP._commit`):
+   the graph's record, the warnings, one ``controller.register(spec)`` per gate;
 5. splits the trunk between the gates into segments and has the inner compiler compile every piece
    (:func:`dropbp_fx.pipeline.compile_pieces`); a graph with no gate goes to the inner compiler whole.
 
@@ -30,8 +31,9 @@ from dropbp_fx.config import DropBPConfig, validate_options  # noqa: F401 (valid
 from dropbp_fx.controller import DropController
 from dropbp_fx.discovery import get_dropbp  # noqa: F401 (public API)
 from dropbp_fx.flops_cache import FlopsCache
+from dropbp_fx.gate_spec import flops_shares
 from dropbp_fx.inner import CompileCache, inner_backend
-from dropbp_fx.pipeline import GraphRecord
+from dropbp_fx.pipeline import GraphRecord, GraphResult, RewriteInputs
 from dropbp_fx.reports import DropBPWarning, Reports, refuse_published_dropbp  # noqa: F401 (DropBPWarning: public)
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,6 @@ class DropBP:
         self.optimizer_links: list = []  # dropbp_fx.optim.OptimizerLink per attached optimizer
         self.controller = DropController.from_config(config)  # owns the gates, rates, seed, policy and step
         self.graphs: list[GraphRecord] = []
-        self.weights: dict[str, int] = {}  # gate name -> parameter elements of its branch
-        self.side_outputs: dict[str, int] = {}  # gate name -> values it returns besides the branch output
         self.compile_cache = CompileCache(config.inner) if config.inner != "eager" else None
         self.flops = FlopsCache()
         self.reports = Reports()
@@ -82,6 +82,16 @@ class DropBP:
     def model(self):
         """The compiled model (None for a hand-traced graph or a compiled function)."""
         return self._root() if self._root is not None else None
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """Gate name -> parameter elements of its branch (the controller's record)."""
+        return {g.name: g.weight for g in self.controller.gates}
+
+    @property
+    def side_outputs(self) -> dict[str, int]:
+        """Gate name -> values it returns besides the branch output (the controller's record)."""
+        return {g.name: g.side_outputs for g in self.controller.gates}
 
     # ------------------------------------------------------------------ backend
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -102,7 +112,7 @@ class DropBP:
         # A graph traced in eval mode gets gates too: Dynamo guards ``module.training`` only where the model's
         # code reads it, so the same graph may run after ``model.train()``. The gates stay open in eval mode.
         self._check_distributed()  # 3.
-        if not pipeline.rewrite(self, gm, example_inputs, prefix):  # 4.
+        if not self._commit(pipeline.rewrite(gm, example_inputs, prefix, self._rewrite_inputs())):  # 4.
             return self._whole(gm, example_inputs)
         if self.compile_cache is not None:  # 5.
             pipeline.compile_pieces(gm, self.compile_cache)
@@ -116,9 +126,33 @@ class DropBP:
         ``name_prefix`` is prepended to gate names (the module path of a traced sub-frame).
         """
         refuse_published_dropbp(gm)
-        if pipeline.rewrite(self, gm, example_inputs, name_prefix) and self.compile_cache is not None:
+        gated = self._commit(pipeline.rewrite(gm, example_inputs, name_prefix, self._rewrite_inputs()))
+        if gated and self.compile_cache is not None:
             pipeline.compile_pieces(gm, self.compile_cache)
         return gm
+
+    def _rewrite_inputs(self) -> RewriteInputs:
+        return RewriteInputs(self.controller, self.flops, self.model(), self.options.recompute, len(self.graphs))
+
+    def _commit(self, results: list[GraphResult]) -> int:
+        """Take in what the pipeline found, graph by graph: the record, the warnings, each gate registered once
+        (its module gets the slot), the mode of a graph without model. Returns how many gates were made."""
+        gated = 0
+        for result in results:
+            self.graphs.append(result.record)
+            if result.cut is not None:
+                self.reports.graph_cut(result.cut.message, result.cut.key)
+            if result.no_branch:
+                self.reports.no_branch(result.record.index, len(result.record.skipped), gated=bool(self.controller.gates))
+            self.reports.stream_mutations(result.mutated_streams)
+            for gate, spec in result.gates:
+                gate.slot = self.controller.register(spec)
+            if result.watch is not None:
+                graph, trunk_inputs_train = result.watch
+                self.controller.watch(graph)
+                self.controller.trunk_inputs_train |= trunk_inputs_train
+            gated += len(result.gates)
+        return gated
 
     def _whole(self, gm, example_inputs):
         """A graph without gates: the inner compiler takes it whole."""
@@ -200,15 +234,11 @@ class DropBP:
         if not gates:
             notes = "; ".join(r.note for r in self.graphs if r.note) or "no graph compiled yet"
             return f"dropbp: no gates ({notes})"
-        if all(g.flops for g in gates):
-            label, weights = "bwd FLOPs share", {g.name: g.flops[1] for g in gates}
-        else:  # no shapes to count FLOPs on: parameters stand in
-            label, weights = "params share", {g.name: self.weights.get(g.name, 0) for g in gates}
-        total = sum(weights.values()) or 1
+        label, shares = flops_shares(gates)  # no shapes to count FLOPs on: parameters stand in
         width = max(len(g.name) for g in gates)
         lines = [f"{'gate':<{width}}  {label:>15}  rate   dropped/calls"]
-        for g in gates:
-            lines.append(f"{g.name:<{width}}  {weights[g.name] / total:15.1%}  {g.rate:.3f}  {g.drops}/{g.calls}")
+        for g, share in zip(gates, shares):
+            lines.append(f"{g.name:<{width}}  {share:15.1%}  {g.rate:.3f}  {g.drops}/{g.calls}")
         lines.append(f"{len(gates)} gates, mean rate {sum(g.rate for g in gates) / len(gates):.3f}, "
                      f"policy {self.controller.policy}, seed {self.controller.seed}, step {self.step}")
         return "\n".join(lines)

@@ -19,26 +19,12 @@ import math
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
-
 import torch
 
 from dropbp_fx.config import POLICIES, DropBPConfig, check_rate  # noqa: F401 (re-exported)
+from dropbp_fx.gate_spec import GateSpec, GateState  # noqa: F401 (GateState: re-exported)
 from dropbp_fx.probe import ProbeRecorder
 from dropbp_fx.schedules import Schedule
-
-
-@dataclass
-class GateState:
-    """Everything about one gate, in one place (``controller.gates[slot]``); the ``DropGate`` module holds its
-    slot only."""
-
-    name: str
-    rate: float
-    calls: int = 0  # training-mode calls
-    drops: int = 0  # of which closed
-    flops: tuple[int, int] | None = None  # (forward, backward) FLOPs of the branch, counted on the graph
-    params: set[str] = field(default_factory=set)  # names of the parameters the branch consumes
 
 
 def uniform(seed: int, step: int, name: str) -> float:
@@ -132,13 +118,12 @@ class DropController:
         self._model = weakref.ref(model)
 
     # ---------------------------------------------------------------- gates
-    def register(self, name: str, params=(), flops: tuple[int, int] | None = None) -> int:
-        """The slot of gate ``name`` (gates of recompiled graphs share the slot of their name).
-
-        ``params``: names of the parameters the gate's branch consumes (see :meth:`trunk_trains`);
-        ``flops``: its (forward, backward) FLOPs.
-        """
-        self.gate_params.update(params)
+    def register(self, spec: GateSpec | str) -> int:
+        """The slot of the gate ``spec`` describes (a name alone: a gate known by its name only, as a loaded state
+        declares it). Gates of recompiled graphs share the slot of their name; their specs add up
+        (:meth:`GateState.update`). The backend registers each gate its pipeline built once, the first call of
+        a layer that reuses another layer's graph registers that layer's gate (:mod:`dropbp_fx.naming`)."""
+        name = spec if isinstance(spec, str) else spec.name
         slot = self._slots.get(name)
         if slot is None and self._resumed is not None and name not in self._resumed[1]:
             raise ValueError(_mismatch_message([name], []))
@@ -146,9 +131,9 @@ class DropController:
             slot = len(self.gates)
             self._slots[name] = slot
             self.gates.append(GateState(name, self.drop_rate))
-        if flops is not None:
-            self.gates[slot].flops = flops
-        self.gates[slot].params.update(params)
+        if not isinstance(spec, str):
+            self.gate_params.update(spec.params)
+            self.gates[slot].update(spec)
         return slot
 
     @property

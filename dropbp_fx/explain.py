@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from dropbp_fx.backend import DropBP, validate_options
+from dropbp_fx.gate_spec import flops_shares
 from dropbp_fx.rng import same_randomness
 
 
 @dataclass
 class GateRow:
     name: str
-    flops_share: float  # share of all gates' backward FLOPs
+    flops_share: float  # share of all gates' backward FLOPs (``Explanation.share_of`` says of what)
     rate: float
     params: int  # parameters the branch consumes
 
@@ -50,12 +51,13 @@ class Explanation:
     cut: list[str] = field(default_factory=list)  # residual branches a graph break cut in two (not gated)
     graphs: int = 0
     notes: list[str] = field(default_factory=list)
+    share_of: str = "bwd FLOPs share"  # "params share" where a graph had no shapes to count FLOPs on
 
     def __str__(self) -> str:
         lines = []
         if self.gates:
             width = max(len(g.name) for g in self.gates)
-            lines.append(f"{'gate':<{width}}  bwd FLOPs share  rate   params")
+            lines.append(f"{'gate':<{width}}  {self.share_of:>15}  rate   params")
             lines += [f"{g.name:<{width}}  {g.flops_share:15.1%}  {g.rate:.3f}  {g.params:,}" for g in self.gates]
         else:
             lines.append("no residual branch found: the model would run unchanged")
@@ -100,10 +102,9 @@ def explain(model: nn.Module, *example_inputs, options: dict | None = None, **ex
               if count > breaks_before.get(reason, 0)]
 
     gates = dbp.controller.gates
-    total = sum(g.flops[1] for g in gates if g.flops) or 1
-    report = Explanation(graphs=len(dbp.graphs), graph_breaks=breaks)
-    report.gates = [GateRow(g.name, (g.flops[1] if g.flops else 0) / total, g.rate, _param_count(model, g.params))
-                    for g in gates]
+    label, shares = flops_shares(gates)
+    report = Explanation(graphs=len(dbp.graphs), graph_breaks=breaks, share_of=label)
+    report.gates = [GateRow(g.name, share, g.rate, _param_count(model, g.params)) for g, share in zip(gates, shares)]
     for record in dbp.graphs:
         report.nested += record.nested
         report.nests += record.nests

@@ -10,9 +10,11 @@ Contract, for a branch ``f`` and its inputs ``args``:
 
 Whether a gate is closed is decided per step, outside the graph, by a controller
 (``dropbp_fx.controller.DropController``), which owns the gate's record (name, rate, FLOPs,
-parameters, counts): ``controller.register(name, params) -> slot`` once, ``controller.is_dropped(slot)``
-on every call. While a calibration records (``controller.recording()``), the gate also reads the
-gradients at its stream input and its output (see :mod:`dropbp_fx.probe`).
+parameters, counts: ``controller.gates[slot]``). The gate module holds its slot and the controller it is given;
+it registers nothing itself: the backend registers the gate's :class:`~dropbp_fx.gate_spec.GateSpec` and hands it
+the slot. On every call it asks ``controller.is_dropped(slot)``. While a calibration records
+(``controller.recording()``), the gate also reads the gradients at its stream input and its output (see
+:mod:`dropbp_fx.probe`).
 
 ``recompute=True`` (:class:`~dropbp_fx.DropBPConfig`): an open gate runs its branch under non-reentrant
 ``torch.utils.checkpoint`` (RNG state preserved: dropout replays), so the branch stores only its inputs and
@@ -34,33 +36,27 @@ from dropbp_fx.probe import record_grad
 class DropGate(nn.Module):
     """Calls ``branch`` with autograd on when open, off when closed. Always returns a tuple."""
 
-    def __init__(self, branch: nn.Module, name: str, controller, params=(), recompute: bool = False) -> None:
+    def __init__(self, branch: nn.Module, controller, *, recompute: bool = False,
+                 stream_arg: int | None = None) -> None:
         super().__init__()
         self.branch = branch
-        self.gate_name = name
         self.controller = controller
-        self.slot = controller.register(name, params)
+        self.slot: int | None = None  # ``controller.gates[slot]``; set by the backend when it registers the gate
         # What runs for an open / a closed gate; an inner compiler may replace either.
         self.run_open = branch
         self.run_closed = branch
         self.recompute = recompute  # an open branch stores nothing and runs again in backward
-        self.stream_arg: int | None = None  # which argument is the residual stream (for calibration probes)
-        # A graph Dynamo compiled for one layer's frame is reused for every identical layer: the gate
-        # then tells layers apart by a parameter it receives (argument ``anchor``), naming each with
-        # ``namer(parameter) -> (name, names of the parameters it consumes)``.
+        self.stream_arg = stream_arg  # which argument is the residual stream (for calibration probes)
+        # A graph Dynamo compiled for one layer's frame is reused for every identical layer: the gate then tells
+        # layers apart by a parameter it receives (argument ``anchor``), and takes each layer's spec, decided when
+        # the graph was rewritten, from ``siblings`` (:class:`dropbp_fx.naming.LayerSiblings`).
         self.anchor: int | None = None
-        self.namer = None
-        self._slots: dict[int, int] = {}
+        self.siblings = None
+        self._slots: dict[int, int] = {}  # id(anchor parameter) -> slot
 
-    @property
-    def flops(self) -> tuple[int, int] | None:
-        """(forward, backward) FLOPs of the branch: the controller's record of this gate."""
-        return self.controller.gates[self.slot].flops
-
-    def anchor_on(self, index: int, namer, parameter) -> None:
-        """Name each call after the layer owning argument ``index`` (``parameter`` is this graph's own)."""
-        self.anchor, self.namer = index, namer
-        self._slots[id(parameter)] = self.slot
+    def anchor_on(self, index: int, siblings) -> None:
+        """Run for the layer owning argument ``index``: ``siblings.spec_for(parameter)`` is that layer's gate."""
+        self.anchor, self.siblings = index, siblings
 
     def forward(self, *args):
         slot = self.slot if self.anchor is None else self._slot_for(args[self.anchor])
@@ -86,10 +82,10 @@ class DropGate(nn.Module):
 
     def _slot_for(self, parameter) -> int:
         slot = self._slots.get(id(parameter))
-        if slot is None:
-            name, params = self.namer(parameter)
-            slot = self._slots[id(parameter)] = self.controller.register(name or self.gate_name, params, self.flops)
+        if slot is None:  # the first call for this layer: its gate, as the rewrite decided it
+            slot = self._slots[id(parameter)] = self.controller.register(self.siblings.spec_for(parameter))
         return slot
 
     def extra_repr(self) -> str:
-        return f"name={self.gate_name!r}, slot={self.slot}" + (", recompute=True" if self.recompute else "")
+        name = self.controller.gates[self.slot].name if self.slot is not None else None
+        return f"name={name!r}, slot={self.slot}" + (", recompute=True" if self.recompute else "")

@@ -1,20 +1,23 @@
-"""Gate names and the parameters each gate consumes.
+"""The parameters each gate consumes, and the gates of a graph that several layers run through.
 
-A gate is named by the module path of its branch (``model.layers.3.mlp``, see
-:func:`dropbp_fx.passes.residuals.find_residual_branches`). This module adds what needs the model: the
-names of the parameters a branch reads (for ``keep_one_open='auto'`` and calibration), and, for a graph
-Dynamo compiled for one layer's frame and reuses for every identical layer, how each call tells which
-layer it runs for.
+A gate is named by the module path of its branch (``model.layers.3.mlp``): :func:`dropbp_fx.passes.branch_names.
+gate_name`, the one place names are made, from the structure :func:`dropbp_fx.passes.residuals.
+find_residual_branches` decides. This module adds what needs the model: the names of the parameters a branch
+reads (for ``keep_one_open='auto'`` and calibration), and, for a graph Dynamo compiled for one layer's frame and
+reuses for every identical layer, the gate of each such layer (:class:`LayerSiblings`).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import torch.fx as fx
 from torch import nn
 
-from dropbp_fx.shapes import attr, placeholder_values
+from dropbp_fx.gate_spec import GateSpec
+from dropbp_fx.passes.branch_names import BranchPath, gate_name
+from dropbp_fx.shapes import attr
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
@@ -40,36 +43,51 @@ def branch_parameters(gm: fx.GraphModule, call_args, branch_module: nn.Module, v
     return params
 
 
-def anchor_gates(gm: fx.GraphModule, gates: list[tuple[fx.Node, nn.Module]], example_inputs,
-                 names: dict[int, str], prefix: str, model=None) -> None:
-    """Let the gates of a layer-frame graph (``blocks.0``) name themselves after the layer they run for.
+class LayerSiblings:
+    """The gates of one gate of a layer-frame graph (``blocks.0``), one per layer that may run through it.
 
-    Dynamo reuses such a graph for every identical layer; each gate is told which argument is one of
-    its parameters, and names a new layer's gate by swapping the layer prefix: ``blocks.0.mlp`` was
-    compiled with ``blocks.0.mlp.0.weight``; called with ``blocks.1.mlp.0.weight`` it is ``blocks.1.mlp``.
+    Dynamo reuses such a graph for every identical layer; the gate tells layers apart by one of its parameters
+    (an argument of the call): ``blocks.0.mlp`` was compiled with ``blocks.0.mlp.0.weight``; called with
+    ``blocks.1.mlp.0.weight`` it runs as ``blocks.1.mlp``. Every layer's spec is decided here, when the graph is
+    rewritten, from the model's parameter names; the gate registers a layer's spec at that layer's first call
+    (which layers reuse a graph, and in which order, only the calls tell).
     """
-    values = placeholder_values(gm, example_inputs)
-    for call, gate in gates:
-        params = branch_parameters(gm, call.args, gate.branch, values, names)
-        anchors = [(i, n, p) for i, n, p in params if i is not None and n.startswith(prefix + ".")]
-        if not anchors:
-            continue
-        index, anchor, parameter = anchors[0]
-        owned = [n[len(prefix):] for _, n, _ in params if n.startswith(prefix + ".")]  # ".mlp.0.weight", ...
-        gate.anchor_on(index, _layer_namer(names, anchor[len(prefix):], gate.gate_name[len(prefix):], owned, model),
-                       parameter)
 
+    def __init__(self, spec: GateSpec, path: BranchPath, suffix: str, owned: list[str], names: dict[int, str],
+                 model: nn.Module | None = None) -> None:
+        self._spec, self._path, self._suffix, self._owned = spec, path, suffix, owned
+        self._names = names  # id(parameter) -> name, as read when the graph was rewritten (never changed)
+        self._model = weakref.ref(model) if model is not None else None
+        layers = {n[: len(n) - len(suffix)] for n in names.values() if n.endswith(suffix)}
+        self.specs = {layer: self._layer_spec(layer) for layer in layers}  # layer path -> its gate
+        self.specs[path.frame] = spec
 
-def _layer_namer(names: dict[int, str], suffix: str, relative: str, owned: list[str], model=None):
-    model = weakref.ref(model) if model is not None else None
+    def _layer_spec(self, layer: str) -> GateSpec:
+        return replace(self._spec, name=gate_name(self._path.in_frame(layer)),
+                       params=frozenset(layer + n for n in self._owned))
 
-    def namer(parameter):
-        if id(parameter) not in names and model is not None and model() is not None:
+    def spec_for(self, parameter) -> GateSpec:
+        """The gate of the layer owning ``parameter`` (this graph's own gate for a parameter of no such layer)."""
+        full = self._names.get(id(parameter))
+        if full is None and self._model is not None and self._model() is not None:
             # FSDP2 registers a layer's unsharded parameters only around its forward (sharded ones otherwise)
-            names.update(parameter_names(model()))
-        full = names.get(id(parameter))
-        if full is None or not full.endswith(suffix):
-            return None, ()
-        layer = full[: len(full) - len(suffix)]
-        return layer + relative, [layer + n for n in owned]
-    return namer
+            self._names = {**self._names, **parameter_names(self._model())}
+            full = self._names.get(id(parameter))
+        if full is None or not full.endswith(self._suffix):
+            return self._spec
+        layer = full[: len(full) - len(self._suffix)]
+        return self.specs[layer] if layer in self.specs else self._layer_spec(layer)
+
+
+def layer_siblings(spec: GateSpec, path: BranchPath, params: list[tuple[int | None, str, nn.Parameter]],
+                   names: dict[int, str], model=None) -> tuple[int, LayerSiblings] | None:
+    """For a gate of a layer-frame graph (``path.frame``, e.g. ``blocks.0``) consuming ``params``
+    (:func:`branch_parameters`): the argument that tells layers apart, and the layers' gates. None when no
+    argument is a parameter of the layer."""
+    prefix = path.frame
+    anchors = [(i, n) for i, n, _ in params if i is not None and n.startswith(prefix + ".")]
+    if not anchors:
+        return None
+    index, anchor = anchors[0]
+    owned = [n[len(prefix):] for _, n, _ in params if n.startswith(prefix + ".")]  # ".mlp.0.weight", ...
+    return index, LayerSiblings(spec, path, anchor[len(prefix):], owned, names, model)

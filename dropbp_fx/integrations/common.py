@@ -9,6 +9,7 @@ from torch import nn
 
 from dropbp_fx.calibrate import METHODS, calibration_step  # noqa: F401 (calibration_step: shared)
 from dropbp_fx.config import DropBPConfig, check_rate
+from dropbp_fx.gate_spec import flops_shares
 from dropbp_fx.reports import DropBPWarning
 from dropbp_fx.tracing import compile_in_place  # noqa: F401 (shared by the callbacks)
 
@@ -91,13 +92,14 @@ class DropStats:
         self._last: dict[str, tuple[int, int]] = {}
 
     def window(self) -> dict[str, float]:
-        counts = {g.name: (g.drops, g.calls, g.flops[1] if g.flops else 0) for g in self.controller.gates}
+        gates = self.controller.gates
+        counts = {g.name: (g.drops, g.calls, share) for g, share in zip(gates, flops_shares(gates)[1])}
         dropped = calls = flops_saved = flops_run = 0
-        for name, (drops, n, bwd) in counts.items():
+        for name, (drops, n, share) in counts.items():
             d0, n0 = self._last.get(name, (0, 0))
             dropped, calls = dropped + drops - d0, calls + n - n0
-            flops_saved += (drops - d0) * bwd
-            flops_run += (n - n0) * bwd
+            flops_saved += (drops - d0) * share
+            flops_run += (n - n0) * share
         self._last = {name: (d, n) for name, (d, n, _) in counts.items()}
         return {"dropbp_drop_fraction": round(dropped / calls, 4) if calls else 0.0,
                 "dropbp_bwd_flops_saved": round(flops_saved / flops_run, 4) if flops_run else 0.0}
