@@ -6,14 +6,14 @@ from __future__ import annotations
 
 def plot_gates(dbp, path: str, title: str | None = None) -> str:
     """Write the PNG to ``path`` (needs matplotlib); returns ``path``. One row per gate, in model order, so that
-    64 gates stay readable (the figure grows with the gate count)."""
+    64 gates stay readable (the figure grows with the gate count). Drawn on a figure of its own with the Agg
+    canvas, outside pyplot: the user's matplotlib backend and pyplot's figures are left alone."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import PercentFormatter
     except ImportError as error:
         raise ImportError("DropBP.plot needs matplotlib: pip install matplotlib") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     gates = dbp.controller.gates
     if not gates:
@@ -27,8 +27,9 @@ def plot_gates(dbp, path: str, title: str | None = None) -> str:
 
     n = len(gates)
     height = max(3.0, 0.22 * n + 1.4)
-    fig, (ax_rate, ax_flops) = plt.subplots(1, 2, figsize=(11, height), sharey=True,
-                                            gridspec_kw={"width_ratios": [3, 2]})
+    fig = Figure(figsize=(11, height))
+    FigureCanvasAgg(fig)
+    ax_rate, ax_flops = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     rows = list(range(n))
     ax_rate.barh(rows, rates, color="tab:orange", alpha=0.55, height=0.7, label="drop rate")
     ax_rate.plot(realised, rows, "o", color="tab:red", ms=4, label="dropped / training calls")
@@ -36,7 +37,7 @@ def plot_gates(dbp, path: str, title: str | None = None) -> str:
     ax_rate.set_xlabel("probability the branch is left out of backward")
     ax_rate.legend(loc="lower right", fontsize=8)
     ax_flops.barh(rows, shares, color="tab:blue", alpha=0.7, height=0.7)
-    ax_flops.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax_flops.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax_flops.set_xlabel("share of the gated branches' backward FLOPs" if any(bwd) else "no FLOPs counted (no shapes)")
     ax_rate.set_yticks(rows)
     ax_rate.set_yticklabels(names, fontsize=7 if n > 24 else 9)
@@ -49,5 +50,4 @@ def plot_gates(dbp, path: str, title: str | None = None) -> str:
                  f"{dropped}/{calls} branch calls dropped", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
