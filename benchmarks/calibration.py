@@ -59,9 +59,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 import dropbp_fx  # noqa: E402
 from dropbp_fx.allocate import allocate_rates, flops_weighted_rate  # noqa: E402
 # the docstring task and the pretrained MiniLM, shared with the demo (python -m dropbp_fx.demo)
-from dropbp_fx.data import (DOC_MODULES, MINILM_PACKAGE, docstring_dataset, evaluate, load_minilm,  # noqa: E402,F401
+from dropbp_fx.demo.data import (DOC_MODULES, MINILM_PACKAGE, docstring_dataset, evaluate, load_minilm,  # noqa: E402,F401
                             minilm_dir, split, take, tokenize)
-from dropbp_fx.data import quiet_transformers as _quiet_transformers  # noqa: E402
+from dropbp_fx.demo.data import quiet_transformers as _quiet_transformers  # noqa: E402
 
 log = logging.getLogger("benchmarks.calibration")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -40,6 +40,7 @@ from torch import nn
 
 import dropbp_fx
 from dropbp_fx.controller import draw_mask, uniform
+from dropbp_fx.demo.report import cpu_name
 
 log = logging.getLogger("benchmarks")
 
@@ -449,13 +450,7 @@ def _proc_status(key: str) -> int:
 
 # ---------------------------------------------------------------------- the machine
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "os": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
             "device": str(device)}
     try:

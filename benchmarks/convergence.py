@@ -15,7 +15,7 @@ downloaded), all on text of the running Python's standard library, at 128 tokens
 
 * ``classify``: which module a passage of docstrings comes from; new classifier head; eval: held-out
   cross-entropy (primary) and accuracy;
-* ``search``: code-documentation search (:mod:`dropbp_fx.code_search`): pairs (qualified name + signature,
+* ``search``: code-documentation search (:mod:`benchmarks.code_search`): pairs (qualified name + signature,
   docstring), in-batch negatives; eval: recall@1 over the held-out pairs (primary) and their loss;
 * ``mlm``: masked-LM domain adaptation on the docstrings; eval: held-out masked-token cross-entropy.
 
@@ -63,8 +63,8 @@ from benchmarks import convergence_report as report  # noqa: E402
 from benchmarks.common import ALMOST_ONE, describe_machine, machine  # noqa: E402
 from benchmarks.convergence_configs import NAMED, Config, lr_lambda, parse_config  # noqa: E402,F401
 from benchmarks.convergence_tasks import BUILDERS, Task, batch_order  # noqa: E402
-from dropbp_fx.data import MINILM_PACKAGE, minilm_dir, quiet_transformers, take  # noqa: E402
 from dropbp_fx.demo import realised_drop  # noqa: E402
+from dropbp_fx.demo.data import MINILM_PACKAGE, minilm_dir, quiet_transformers, take  # noqa: E402
 
 log = logging.getLogger("benchmarks.convergence")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,39 +17,19 @@ The rules (``benchmarks/convergence.py`` runs the training; this module only rea
 
 from __future__ import annotations
 
-import math
 import statistics
 
 from benchmarks.common import spread
+from dropbp_fx.demo.curves import at_least_as_good, smoothed, time_to_target  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------- rules
-def smoothed(values: list[float], window: int) -> list[float | None]:
-    """Trailing mean over ``window`` values; None before the ``window``-th value."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    return [None if i + 1 < window else math.fsum(values[i + 1 - window:i + 1]) / window
-            for i in range(len(values))]
-
-
-def at_least_as_good(value: float, target: float, higher_is_better: bool) -> bool:
-    return value >= target if higher_is_better else value <= target
-
-
+# smoothed, at_least_as_good and time_to_target are the demo's (dropbp_fx.demo.curves), here with no partial window
 def target_of(values: list[float], window: int) -> float:
     """The baseline's target: its last smoothed value."""
     if len(values) < window:
         raise ValueError(f"the baseline has {len(values)} evaluations, fewer than the window {window}")
     return smoothed(values, window)[-1]
-
-
-def time_to_target(clock: list[float], values: list[float], target: float, higher_is_better: bool,
-                   window: int) -> float | None:
-    """The clock of the first evaluation whose smoothed value reaches ``target``; None if none does."""
-    for t, v in zip(clock, smoothed(values, window)):
-        if v is not None and at_least_as_good(v, target, higher_is_better):
-            return t
-    return None
 
 
 def value_at(clock: list[float], values: list[float], t: float, window: int) -> float | None:
@@ -195,13 +175,13 @@ def _interp(t: float, xs: list[float], ys: list[float]) -> float:
 
 def plot(results: dict, path: str, window: int) -> None:
     """Per task: the smoothed primary metric against the training clock, median and min-max band over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     tasks = [t for t in results["meta"]["tasks"] if t in results]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
+    fig = Figure(figsize=(6.2 * len(tasks), 4.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         info = results["meta"]["tasks"][task]
         metric = info["primary"]
@@ -230,4 +210,3 @@ def plot(results: dict, path: str, window: int) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks import code_search
 from benchmarks.calibration import dataset_info
-from dropbp_fx import code_search
-from dropbp_fx.data import docstring_dataset, evaluate, labels_of, load_minilm, split, tokenize
+from dropbp_fx.demo.data import docstring_dataset, evaluate, labels_of, load_minilm, split, tokenize
 
 
 @dataclass
@@ -81,7 +81,7 @@ def mlm_task(path: str, tokenizer, sizes) -> Task:
     """Masked-LM domain adaptation of the pretrained MiniLM on standard-library docstrings: blocks of ``seq``
     tokens, 15% masked once per example with a fixed seed (80% [MASK], 10% random, 10% kept); the last
     ``n_eval`` blocks held out; metric: held-out masked-token cross-entropy (log perplexity)."""
-    from dropbp_fx.data import quiet_transformers
+    from dropbp_fx.demo.data import quiet_transformers
 
     ids = []
     for module in sorted(set(MLM_MODULES)):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from benchmarks import code_search
 from benchmarks import convergence_report as rep
-from dropbp_fx import code_search
 
 
 # ---------------------------------------------------------------------- time to target

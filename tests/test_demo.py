@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from dropbp_fx import data, demo  # noqa: E402
+from dropbp_fx import demo  # noqa: E402
+from dropbp_fx.demo import curves, data  # noqa: E402
 
 TINY = ["--steps", "6", "--warmup", "1", "--batch-size", "4", "--seq", "16", "--inner", "eager"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,10 +82,13 @@ def test_demo_drops_and_reports(tmp_path, model_args):
 def test_time_to_target_reads_the_smoothed_loss_on_the_clock():
     losses = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0]  # one warm-up step, then five on the clock
     clock = [1.0, 2.0, 3.0, 4.0, 5.0]
-    smoothed = demo.smooth(losses)  # running mean of up to 10
+    smoothed = curves.smoothed(losses, 10, partial=True)  # running mean of up to 10
     assert smoothed[-1] == pytest.approx(16 / 6)
-    assert demo.time_to_target(losses, clock, target=3.0) == 4.0  # mean of the first 5 steps = 3.0
-    assert demo.time_to_target(losses, clock, target=0.5) is None
+    assert curves.time_to_target(clock, losses, 3.0, False, 10, partial=True) == 4.0  # mean of the first 5 = 3.0
+    assert curves.time_to_target(clock, losses, 0.5, False, 10, partial=True) is None
+    assert curves.time_to_target(clock, losses, 3.0, False, 10) is None  # without partial: no mean before 10 steps
+    with pytest.raises(ValueError):
+        curves.time_to_target(clock, losses[:4], 3.0, False, 2)  # fewer values than clock readings
 
 
 def test_demo_rate_zero_trains_like_the_baseline(tmp_path, model_args):

