@@ -78,8 +78,9 @@ QUICK_CONFIGS = ("sensitivity_p0.5+lr", "uniform_p0.875+updown", "auto")
 
 
 @dataclass(frozen=True)
-class Sizes:
-    """One task's run: the baseline's steps, batch, tokens per text, evaluation cadence, learning rate."""
+class TaskSizes:
+    """One task's run: the baseline's steps, batch, tokens per text, evaluation cadence, learning rate (the model
+    is the pretrained MiniLM; ``benchmarks.common.Sizes`` sizes the other benchmarks' random-init LLaMA)."""
     steps: int  # the baseline's steps (a multiple of eval_every)
     batch: int
     seq: int
@@ -93,19 +94,20 @@ class Sizes:
 # inductor 0.54 s a step at batch 16 x 32 tokens, DropBP at 0.5 / 0.75 / 0.875 about 0.72 / 0.6 / 0.52 of it;
 # search: 2 x 16 texts of 24 tokens, about 1.5x that; an evaluation about 1.4 s / 3.4 s), DropBP runs stopping
 # at the baseline's clock (every run on target) or at 2.5x its steps (only the 0.5 run on target, at 2x).
-FULL = {"classify": Sizes(steps=40, batch=8, seq=128, eval_every=8, lr=2e-4, warmup=4),
-        "search": Sizes(steps=40, batch=8, seq=128, eval_every=8, lr=5e-5, warmup=4, n_eval=200),
-        "mlm": Sizes(steps=40, batch=8, seq=128, eval_every=8, lr=2e-4, warmup=4)}
-QUICK = {"classify": Sizes(steps=6, batch=4, seq=32, eval_every=2, lr=1e-4, warmup=2),
-         "search": Sizes(steps=6, batch=4, seq=16, eval_every=2, lr=5e-5, warmup=2, n_eval=24),
-         "mlm": Sizes(steps=6, batch=4, seq=32, eval_every=2, lr=1e-4, warmup=2, n_eval=16)}
+FULL = {"classify": TaskSizes(steps=40, batch=8, seq=128, eval_every=8, lr=2e-4, warmup=4),
+        "search": TaskSizes(steps=40, batch=8, seq=128, eval_every=8, lr=5e-5, warmup=4, n_eval=200),
+        "mlm": TaskSizes(steps=40, batch=8, seq=128, eval_every=8, lr=2e-4, warmup=4)}
+QUICK = {"classify": TaskSizes(steps=6, batch=4, seq=32, eval_every=2, lr=1e-4, warmup=2),
+         "search": TaskSizes(steps=6, batch=4, seq=16, eval_every=2, lr=5e-5, warmup=2, n_eval=24),
+         "mlm": TaskSizes(steps=6, batch=4, seq=32, eval_every=2, lr=1e-4, warmup=2, n_eval=16)}
 
 
 # ---------------------------------------------------------------------- runs
-class Candidate:
-    """One configuration's model, optimizer, schedule, clock and evaluation curve for one seed."""
+class ConfigRun:
+    """One configuration's model, optimizer, schedule, clock and evaluation curve for one seed (the other
+    benchmarks' runs are ``benchmarks.common.Candidate``: one model type, masks forced per step)."""
 
-    def __init__(self, config: str, model, task: Task, sizes: Sizes, seed: int, calibrate_at_of: int) -> None:
+    def __init__(self, config: str, model, task: Task, sizes: TaskSizes, seed: int, calibrate_at_of: int) -> None:
         self.config, self.task, self.seed = config, task, seed
         self.spec = parse_config(config)
         self.kind, self.rate = self.spec.kind, self.spec.rate
@@ -214,7 +216,7 @@ class Candidate:
                 "losses": self.losses, "step_s": self.step_s, "curve": self.curve}
 
 
-def reached_everywhere(c: Candidate, base: Candidate, metrics: dict, window: int) -> bool:
+def reached_everywhere(c: ConfigRun, base: ConfigRun, metrics: dict, window: int) -> bool:
     """Whether ``c`` has reached the baseline's target on every metric."""
     for metric, higher in metrics.items():
         target = report.target_of(base.curve[metric], window)
@@ -223,14 +225,14 @@ def reached_everywhere(c: Candidate, base: Candidate, metrics: dict, window: int
     return True
 
 
-def run_seed(task: Task, sizes: Sizes, configs: list[str], seed: int, args, bar) -> list[dict]:
+def run_seed(task: Task, sizes: TaskSizes, configs: list[str], seed: int, args, bar) -> list[dict]:
     """Every configuration of one task and seed, side by side, interleaved per eval interval."""
     torch._dynamo.reset()  # a fresh Dynamo cache per seed: the recompile limit counts every configuration
     k, n = sizes.eval_every, sizes.steps
     max_steps = math.ceil(args.stretch * n / k) * k
     order = batch_order(len(task.train["input_ids"]), sizes.batch, max_steps, seed)
     model = task.new_model(seed)
-    cands = [Candidate(name, copy.deepcopy(model), task, sizes, seed, n) for name in configs]
+    cands = [ConfigRun(name, copy.deepcopy(model), task, sizes, seed, n) for name in configs]
     del model
     base = cands[0]
     for c in cands:
@@ -251,7 +253,7 @@ def run_seed(task: Task, sizes: Sizes, configs: list[str], seed: int, args, bar)
     return [c.record() for c in cands]
 
 
-def finished(c: Candidate, base: Candidate, n: int, max_steps: int, metrics: dict, args) -> bool:
+def finished(c: ConfigRun, base: ConfigRun, n: int, max_steps: int, metrics: dict, args) -> bool:
     """The baseline stops at ``n`` steps; a DropBP run at ``max_steps``, or once it has reached the target on
     every metric and passed the baseline's total clock (unless ``--run-out``)."""
     if c is base:
@@ -308,7 +310,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def task_sizes(task: str, args) -> Sizes:
+def task_sizes(task: str, args) -> TaskSizes:
     """The task's sizes with ``--steps`` / ``--eval-every`` applied, steps a multiple of the eval interval."""
     sizes = (QUICK if args.quick else FULL)[task]
     k = args.eval_every or sizes.eval_every

@@ -59,7 +59,7 @@ def parse_config(name: str) -> Config:
 
 
 def lr_lambda(sizes):
-    """``sizes`` (a ``convergence.Sizes``): linear warm-up, then cosine decay to 10% of the peak at the
+    """``sizes`` (a ``convergence.TaskSizes``): linear warm-up, then cosine decay to 10% of the peak at the
     baseline's last step, constant after; the same for every configuration, in steps."""
     warm, total = max(1, sizes.warmup), sizes.steps
 
