@@ -13,7 +13,6 @@ The conventions (docs/contributing.md says them to writers):
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -140,7 +139,7 @@ def test_no_python_block_dodges_the_test():
 def test_readme_is_a_front_door():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, len(lines)
-    assert MAIN_COMMAND in lines and TEST_COMMAND in lines  # verbatim, each on its own line (.ci/run greps the test one)
+    assert MAIN_COMMAND in lines and TEST_COMMAND in lines  # verbatim, each on its own line (.ci/run greps one)
 
 
 def test_relative_links_resolve():
@@ -159,8 +158,3 @@ def test_every_doc_is_listed_in_the_readme():
     missing = [p.name for p in DOCS[1:] if f"(docs/{p.name})" not in section]
     assert not missing, missing
 
-
-if __name__ == "__main__":  # pragma: no cover - the list of blocks, for writers
-    for b in BLOCKS:
-        print(b.id, f"line {b.line}", "no-run" if b.no_run else "", sep="\t")
-    sys.exit(os.EX_OK)
