@@ -143,7 +143,8 @@ class DropBP:
             if result.cut is not None:
                 self.reports.graph_cut(result.cut.message, result.cut.key)
             if result.no_branch:
-                self.reports.no_branch(result.record.index, len(result.record.skipped), gated=bool(self.controller.gates))
+                record = result.record
+                self.reports.no_branch(record.index, len(record.skipped), gated=bool(self.controller.gates))
             self.reports.stream_mutations(result.mutated_streams)
             for gate, spec in result.gates:
                 gate.slot = self.controller.register(spec)

@@ -135,13 +135,13 @@ def gate_branches(job: GraphJob) -> StepResult:
         return gate
 
     gate_residual_branches(job.gm, job.analysis.branches, make_gate)
-    calls = []
+    found = {}  # id(gate) -> its call; the gates are registered in the order they were made (the branches')
     for call in job.gm.graph.nodes:
         gate = job.gm.get_submodule(call.target) if call.op == "call_module" else None
         if id(gate) in made:
-            branch, params = made[id(gate)]
             gate.stream_arg = call.meta.get("dropbp_stream_arg")  # the gating pass's note on the call it made
-            calls.append(GateCall(call, gate, branch, params))
+            found[id(gate)] = (call, gate)
+    calls = [GateCall(*found[key], *made[key]) for key in made]
     log.info("dropbp: graph %d: %d residual branches gated (%s)%s", job.index, len(calls),
              ", ".join(c.branch.name for c in calls),
              f"; {len(job.analysis.nested)} nested branches left ungated" if job.analysis.nested else "")
