@@ -319,7 +319,7 @@ def readme_section(results: dict) -> str:
          f"{meta['rounds']} measured rounds after {meta['warmup']} warm-up rounds, order shuffled per round.",
          f"Command: `{meta['command']}` (about {meta.get('run_s', 0) / 60:.0f} min"
          + (f", commit {meta['git']['commit']}" if meta.get("git", {}).get("commit") else "") + "). Full report, memory, "
-         "efficiencies and compile times: [benchmarks/results/results.md](benchmarks/results/results.md).", ""]
+         "efficiencies and compile times: [benchmarks/results/results.md](../benchmarks/results/results.md).", ""]
     L += main_table(results, spreads=False)
     L += ["| target | met |", "| --- | --- |"] + [
         f"| {row['target']} | {_met(row)}{': ' + row['values'][0] if len(row['values']) == 1 else ''} |"
@@ -328,15 +328,14 @@ def readme_section(results: dict) -> str:
     return "\n".join(L)
 
 
-def update_readme(path: str, section: str) -> None:
+def update_bench_section(path: str, section: str) -> None:
+    """Replace the text between the bench markers of ``path`` (docs/benchmarks.md) with ``section``; a file
+    without both markers is an error (never an appended section)."""
     with open(path) as f:
         text = f.read()
-    if README_START in text and README_END in text:
-        text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: section, text, flags=re.S)
-    else:
-        heading = "## Benchmarks\n\n"
-        block = heading + section + "\n"
-        anchor = "## Layout"
-        text = text.replace(anchor, block + "\n" + anchor, 1) if anchor in text else text.rstrip() + "\n\n" + block
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} markers to replace: put them back around "
+                         "the benchmark section, or run with --no-readme")
+    text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: section, text, flags=re.S)
     with open(path, "w") as f:
         f.write(text)

@@ -1,12 +1,12 @@
 """Run every benchmark and write the results.
 
-    python -m benchmarks.run                   # full run: ~25 min on 2 CPU cores; updates README.md
+    python -m benchmarks.run                   # full run: ~25 min on 2 CPU cores; updates docs/benchmarks.md
     python -m benchmarks.run --quick           # tiny model, 1 warm-up + 2 rounds: a smoke test
     python -m benchmarks.run --device cuda     # on a GPU (CUDA-event timing, torch.cuda peak memory)
     python -m benchmarks.run --candidates eager,hand-detach,dropbp-eager --only step
 
 Writes ``benchmarks/results/results.json`` and ``results.md`` (``quick.*`` in quick mode) and, for a
-full run, the summary between the ``bench`` markers of README.md.
+full run, the summary between the ``bench`` markers of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from benchmarks.common import ALL_MODES, CANDIDATES, FULL_SIZES, MODES, QUICK_SI
 
 log = logging.getLogger("benchmarks")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DOC = os.path.join(ROOT, "docs", "benchmarks.md")  # its bench markers hold the summary of the last full run
 STAGES = ("step", "memory", "seq")
 
 
@@ -49,12 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--granule", type=int, help="sequence-length step of the search (default 32; quick 8)")
     p.add_argument("--max-probes", type=int, default=8, help="probes per sequence search")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report-only", metavar="JSON", help="rewrite the markdown (and README) from a results JSON")
+    p.add_argument("--report-only", metavar="JSON", help="rewrite the markdown (and docs/benchmarks.md) from a results JSON")
     p.add_argument("--cold-compile", action="store_true",
                    help="compile into a fresh, empty inductor cache (compile times without the on-disk caches)")
     p.add_argument("--out", help="output folder (default benchmarks/results)")
     p.add_argument("--readme", dest="readme", action="store_true", default=None,
-                   help="update README.md (default: full runs only)")
+                   help="update the bench section of docs/benchmarks.md (default: full runs only)")
     p.add_argument("--no-readme", dest="readme", action="store_false")
     for field in Sizes.__dataclass_fields__:
         p.add_argument(f"--{field}", type=int, help=f"model/input size override ({field})")
@@ -108,7 +109,7 @@ def _git_state() -> dict:
 
 
 def rewrite_report(args) -> dict:
-    """The markdown and README section again, from saved results (after a change to the report)."""
+    """The markdown and the docs/benchmarks.md section again, from saved results (after a change to the report)."""
     with open(args.report_only) as f:
         results = json.load(f)
     results["targets"] = report.targets(results)
@@ -116,8 +117,8 @@ def rewrite_report(args) -> dict:
         json.dump(results, f, indent=1)
     with open(os.path.splitext(args.report_only)[0] + ".md", "w") as f:
         f.write(report.full_report(results))
-    if args.readme and not results["meta"]["quick"]:  # README holds full runs only
-        report.update_readme(os.path.join(ROOT, "README.md"), report.readme_section(results))
+    if args.readme and not results["meta"]["quick"]:  # the docs hold full runs only
+        report.update_bench_section(BENCH_DOC, report.readme_section(results))
     return results
 
 
@@ -201,8 +202,8 @@ def main(argv=None) -> dict:
         shutil.rmtree(cache_dir, ignore_errors=True)
     log.info("wrote %s and %s (%.1f min)", json_path, md_path, results["meta"]["run_s"] / 60)
     if args.readme:
-        report.update_readme(os.path.join(ROOT, "README.md"), report.readme_section(results))
-        log.info("updated the benchmark section of README.md")
+        report.update_bench_section(BENCH_DOC, report.readme_section(results))
+        log.info("updated the benchmark section of %s", BENCH_DOC)
     # The final table, on stdout.
     print("\n".join(report.main_table(results)))
     print("\n".join(report.targets_table(results["targets"], detail=False)))
