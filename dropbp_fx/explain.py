@@ -13,6 +13,7 @@ state are put back, and the model's mode is restored.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,7 @@ class GateRow:
     flops_share: float  # share of all gates' backward FLOPs (``Explanation.share_of`` says of what)
     rate: float
     params: int  # parameters the branch consumes
+    reads: tuple[str, ...] = ()  # names of those parameters: a closed gate takes their gradient away
 
 
 @dataclass
@@ -62,6 +64,10 @@ class Explanation:
         else:
             lines.append("no residual branch found: the model would run unchanged")
         lines.append(f"{len(self.gates)} gates in {self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)")
+        if any(g.reads for g in self.gates):
+            lines.append("what a closed gate takes the gradient from (the skip carries the identity gradient; a parameter "
+                         "also read outside the branch keeps that use's gradient):")
+            lines += [f"  {pattern}: {reads}" for pattern, reads in closes_by_pattern(self.gates)]
         if self.nests:
             lines.append("nested residual branches (one level per nest is gated):")
             lines += [f"  {n}" for n in self.nests]
@@ -104,7 +110,8 @@ def explain(model: nn.Module, *example_inputs, options: dict | None = None, **ex
     gates = dbp.controller.gates
     label, shares = flops_shares(gates)
     report = Explanation(graphs=len(dbp.graphs), graph_breaks=breaks, share_of=label)
-    report.gates = [GateRow(g.name, share, g.rate, _param_count(model, g.params)) for g, share in zip(gates, shares)]
+    report.gates = [GateRow(g.name, share, g.rate, _param_count(model, g.params), tuple(sorted(g.params)))
+                    for g, share in zip(gates, shares)]
     for record in dbp.graphs:
         report.nested += record.nested
         report.nests += record.nests
@@ -113,6 +120,31 @@ def explain(model: nn.Module, *example_inputs, options: dict | None = None, **ex
         if record.note and not record.gates:
             report.notes.append(f"graph {record.index}: {record.note}")
     return report
+
+
+def closes_by_pattern(gates: list[GateRow], shown: int = 6) -> list[tuple[str, str]]:
+    """Gates that close the same parameters relative to their own name (layer numbers as ``*``), one line each:
+    ``("model.layers.*.self_attn (32 gates)", "q_proj, k_proj, v_proj, o_proj")``."""
+    groups: dict[tuple[str, tuple[str, ...]], int] = {}
+    for g in gates:
+        base = g.name.split("#")[0].split("{")[0].rstrip(".")
+        rel = tuple(dict.fromkeys(_relative(n, base) for n in sorted(g.reads)))
+        key = (re.sub(r"\.\d+(?=\.|$)", ".*", g.name), tuple(re.sub(r"\.\d+(?=\.|$)", ".*", r) for r in rel))
+        groups[key] = groups.get(key, 0) + 1
+    lines = []
+    for (pattern, rel), count in groups.items():
+        text = ", ".join(rel[:shown]) + (f", ... {len(rel) - shown} more" if len(rel) > shown else "")
+        lines.append((f"{pattern}" + (f" ({count} gates)" if count > 1 else ""), text or "-"))
+    return lines
+
+
+def _relative(parameter: str, base: str) -> str:
+    """The module owning ``parameter`` relative to the gate's module ``base`` (``q_proj`` of ``...self_attn``);
+    a parameter outside the gate's module (a hyper-connection's mix) by its whole name."""
+    module = parameter.rsplit(".", 1)[0]
+    if module == base:
+        return "(its own parameters)"
+    return module[len(base) + 1:] if module.startswith(base + ".") else parameter
 
 
 def _first_lines(reason: str, n: int = 2) -> str:
