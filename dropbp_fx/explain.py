@@ -65,8 +65,8 @@ class Explanation:
             lines.append("no residual branch found: the model would run unchanged")
         lines.append(f"{len(self.gates)} gates in {self.graphs} graph(s), {len(self.graph_breaks)} graph break(s)")
         if any(g.reads for g in self.gates):
-            lines.append("what a closed gate takes the gradient from (the skip carries the identity gradient; a parameter "
-                         "also read outside the branch keeps that use's gradient):")
+            lines.append("what a closed gate takes the gradient from (the skip carries the identity gradient; "
+                         "a parameter also read outside the branch keeps that use's gradient):")
             lines += [f"  {pattern}: {reads}" for pattern, reads in closes_by_pattern(self.gates)]
         if self.nests:
             lines.append("nested residual branches (one level per nest is gated):")

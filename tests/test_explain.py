@@ -126,7 +126,8 @@ def test_gate_plot_grows_with_the_gates(tmp_path):
 
 def test_explain_says_what_a_closed_gate_takes_the_gradient_from():
     """Per gate, the parameters a closed gate takes the gradient from, grouped across layers: a Llama's
-    projections and the norm before them; for DeepSeek-V4's hyper-connection (``post * f(pre . H) + comb^T @ H``) ``f``'s modules and the
+    projections and the norm before them; for DeepSeek-V4's hyper-connection (``post * f(pre . H) + comb^T @ H``)
+    ``f``'s modules and the
     ``pre`` slice's bias, never the projection ``fn`` that ``post`` and ``comb`` are computed from (trunk)."""
     from tests import random_nets as rn
     from tests.test_properties import EXAMPLES
@@ -136,7 +137,8 @@ def test_explain_says_what_a_closed_gate_takes_the_gradient_from():
     text = str(dropbp_fx.explain(model, input_ids=ids, labels=ids))
     assert ("model.layers.*.self_attn (2 gates): model.layers.*.input_layernorm.weight, k_proj, o_proj, q_proj, "
             "v_proj") in text, text
-    assert "model.layers.*.mlp (2 gates): down_proj, gate_proj, up_proj, model.layers.*.post_attention_layernorm" in text
+    mlp = "model.layers.*.mlp (2 gates): down_proj, gate_proj, up_proj, model.layers.*.post_attention_layernorm"
+    assert mlp in text, text
 
     torch._dynamo.reset()
     net, _ = rn.build(EXAMPLES["hyper_connection"])
