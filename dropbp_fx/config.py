@@ -38,17 +38,17 @@ def _check_keep_one_open(key, value) -> None:
 
 
 def _check_inner(key, value) -> None:
-    """A Dynamo backend name (``torch._dynamo.list_backends(exclude_tags=())``) or a compiler callable."""
+    """A Dynamo backend name (``torch.compiler.list_backends(exclude_tags=())``) or a compiler callable."""
     if callable(value):
         return
     if value == "dropbp":
         raise ValueError(f"{key} cannot be 'dropbp' itself; choose the compiler of the pieces, e.g. {NAMED_INNER}")
-    import torch._dynamo
+    import torch
 
-    known = set(torch._dynamo.list_backends(exclude_tags=())) | set(NAMED_INNER)
+    known = set(torch.compiler.list_backends(exclude_tags=())) | set(NAMED_INNER)
     if not isinstance(value, str) or value not in known:
         raise ValueError(f"{key} must be one of {NAMED_INNER}, another Dynamo backend name "
-                         f"(torch._dynamo.list_backends(exclude_tags=())) or a callable (gm, example_inputs) -> "
+                         f"(torch.compiler.list_backends(exclude_tags=())) or a callable (gm, example_inputs) -> "
                          f"callable; got {value!r}")
 
 

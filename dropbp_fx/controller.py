@@ -21,6 +21,7 @@ import weakref
 from collections import deque
 import torch
 
+from dropbp_fx._torch import in_backward
 from dropbp_fx.config import POLICIES, DropBPConfig, check_rate  # noqa: F401 (re-exported)
 from dropbp_fx.gate_spec import GateSpec, GateState  # noqa: F401 (GateState: re-exported)
 from dropbp_fx.probe import ProbeRecorder
@@ -215,7 +216,7 @@ class DropController:
             return False
         if self._forced is not None:  # a calibration pass: no step, no counts
             return self._forced.get(slot, False)
-        if torch._C._current_graph_task_id() != -1:  # backward recomputing a checkpointed region
+        if in_backward():  # backward recomputing a checkpointed region
             return slot < len(self._mask) and self._mask[slot]
         if self._model is not None:
             model = self._model()

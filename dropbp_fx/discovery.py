@@ -27,6 +27,8 @@ import weakref
 import torch
 from torch import nn
 
+from dropbp_fx._torch import (current_instruction_translator, current_tracing_context, is_torch_compile_wrapper,
+                              optimized_module_class, orig_callable, orig_mod)
 from dropbp_fx.distributed import unwrap_ddp
 
 _REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model, function or torch.compile call -> DropBP
@@ -51,7 +53,7 @@ def get_dropbp(model):
     ``torch.compile(DistributedDataParallel(model))`` and ``DistributedDataParallel(torch.compile(model))`` work too.
     """
     target = unwrap_ddp(model)
-    target = unwrap_ddp(getattr(target, "_orig_mod", None) or getattr(target, "_torchdynamo_orig_callable", target))
+    target = unwrap_ddp(orig_mod(target) or orig_callable(target, target))
     found = registered(target)
     if found is None:
         raise LookupError("no dropbp state for this model: compile it with torch.compile(model, backend='dropbp') "
@@ -61,7 +63,7 @@ def get_dropbp(model):
 
 def inside_ddp_optimizer() -> bool:
     """Is this graph a fragment that Dynamo's DDPOptimizer cut? (Its ``SubmodCompiler`` marks the tracing context.)"""
-    context = torch._guards.TracingContext.try_get()
+    context = current_tracing_context()
     return context is not None and getattr(context, "ddp_optimizer_ctx", None) is not None
 
 
@@ -76,12 +78,11 @@ def compiled_module(example_inputs) -> tuple[nn.Module | None, str]:
     frame_module = _traced_frame_module(example_inputs)
     if frame_module is False:  # not inside Dynamo (a hand call of the backend)
         return None, ""
-    from torch._dynamo.eval_frame import OptimizedModule
-
+    OptimizedModule = optimized_module_class()  # noqa: N806 - a class
     root = None
     for owner in _stack_selves():
-        if isinstance(owner, OptimizedModule) and isinstance(owner._orig_mod, nn.Module):
-            root = unwrap_ddp(owner._orig_mod)  # gate names without DDP's "module." prefix
+        if isinstance(owner, OptimizedModule) and isinstance(orig_mod(owner), nn.Module):
+            root = unwrap_ddp(orig_mod(owner))  # gate names without DDP's "module." prefix
     if root is None or frame_module is None or root is frame_module:
         return root or frame_module, ""
     prefix = next((name for name, m in root.named_modules() if m is frame_module), "")
@@ -92,9 +93,7 @@ def _traced_frame_module(example_inputs):
     """The module among the traced frame's locals owning most of the graph's parameters (None: no module;
     False: not inside Dynamo)."""
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
+        tx = current_instruction_translator()
     except Exception:  # not inside Dynamo
         return False
     if tx is None:
@@ -128,7 +127,7 @@ def compiled_function():
 
 def torch_compile_call():
     """The ``torch._TorchCompileWrapper`` of the ``torch.compile(...)`` call whose graph is being compiled."""
-    return next((owner for owner in _stack_selves() if type(owner).__name__ == "_TorchCompileWrapper"), None)
+    return next((owner for owner in _stack_selves() if is_torch_compile_wrapper(owner)), None)
 
 
 def _stack():

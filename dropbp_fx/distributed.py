@@ -35,7 +35,9 @@ def unwrap_ddp(module):
 def ddp_of(compiled):
     """The ``DistributedDataParallel`` of ``torch.compile(DDP(model))`` or ``DDP(torch.compile(model))``, if any."""
     ddp = ddp_class()
-    for module in (compiled, getattr(compiled, "_orig_mod", None)):
+    from dropbp_fx._torch import orig_mod
+
+    for module in (compiled, orig_mod(compiled)):
         if ddp is not None and isinstance(module, ddp):
             return module
     return None
@@ -44,13 +46,17 @@ def ddp_of(compiled):
 def model_of(compiled):
     """The model whose parameter names the gates know: inside ``torch.compile`` and DDP wrappers."""
     model = unwrap_ddp(compiled)
-    return unwrap_ddp(getattr(model, "_orig_mod", model))
+    from dropbp_fx._torch import orig_mod
+
+    return unwrap_ddp(orig_mod(model, model))
 
 
 def active_ddp_module():
     """The ``DistributedDataParallel`` whose forward is running (DDP sets it around its module's forward)."""
+    from dropbp_fx._torch import active_ddp_module as active
+
     ddp = ddp_class()
-    return None if ddp is None else ddp._get_active_ddp_module()
+    return None if ddp is None else active(ddp)
 
 
 def ddp_problem(ddp) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dropbp_fx._torch import graph_break_counters, orig_mod
 from dropbp_fx.backend import DropBP, validate_options
 from dropbp_fx.gate_spec import flops_shares
 from dropbp_fx.rng import same_randomness
@@ -96,15 +97,15 @@ def explain(model: nn.Module, *example_inputs, options: dict | None = None, **ex
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"explain takes the (uncompiled) model, got {type(model).__name__}")
-    model = getattr(model, "_orig_mod", model)
+    model = orig_mod(model, model)
     config = validate_options(options)
     config["inner"] = "eager"  # the analysis does not depend on the inner compiler
     dbp = DropBP(**config)
-    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
+    breaks_before = dict(graph_break_counters())
     with _no_trace(model):
         torch.compile(model, backend=dbp)(*example_inputs, **example_kwargs)
     breaks = [f"{reason} (x{count - breaks_before.get(reason, 0)})" if count - breaks_before.get(reason, 0) > 1
-              else reason for reason, count in torch._dynamo.utils.counters["graph_break"].items()
+              else reason for reason, count in graph_break_counters().items()
               if count > breaks_before.get(reason, 0)]
 
     gates = dbp.controller.gates

@@ -34,7 +34,11 @@ import types
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from dropbp_fx._torch import (detect_fake_mode, fake_tensor_mode, functorch_config_patch, inductor_compile_fx,
+                              inductor_config, inductor_cpp, inductor_sizevars, is_fake_tensor, item_memo,
+                              lookup_backend, set_item_memo, tracing)
 from dropbp_fx.config import NAMED_INNER
 from dropbp_fx.passes.graph_view import structure_key
 from dropbp_fx.shapes import node_value
@@ -48,25 +52,25 @@ INNER_COMPILERS = NAMED_INNER  # the inner compilers CI tests; any Dynamo backen
 def inner_backend(inner):
     """The ``(gm, example_inputs) -> callable`` compiler for ``inner``: a callable as it is, ``"inductor"`` with the
     workarounds of :func:`inductor_workarounds`, any other name through Dynamo's backend registry
-    (``torch._dynamo.list_backends(exclude_tags=())``: ``aot_eager``, ``cudagraphs``, a backend a library
+    (``torch.compiler.list_backends(exclude_tags=())``: ``aot_eager``, ``cudagraphs``, a backend a library
     registers)."""
     if callable(inner):
         return inner
     if inner == "inductor":
         return _inductor
-    return torch._dynamo.lookup_backend(inner)
+    return lookup_backend(inner)
 
 
 def _inductor(gm: fx.GraphModule, example_inputs):
     """Inductor, with the workarounds of :func:`inductor_workarounds` in force while it compiles a piece's
     forward or backward graph (AOTAutograd compiles the backward lazily, through the same ``inner_compile``)."""
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    compile_fx = inductor_compile_fx()
 
     def inner_compile(*args, **kwargs):
         with inductor_workarounds():
-            return compile_fx_inner(*args, **kwargs)
+            return compile_fx.compile_fx_inner(*args, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+    return compile_fx.compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
 
 NO_WORKAROUNDS_ENV = "DROPBP_NO_INDUCTOR_WORKAROUNDS"  # =1: compile our pieces with torch's Inductor as it is
@@ -75,6 +79,10 @@ _WORKAROUND_LOCK = threading.RLock()  # one patched compile at a time (Inductor'
 # [first, end). 2.13 is the newest release checked (a 2.14 pre-release counts as before 2.14); move the end
 # after checking a newer release.
 SIMPLIFY_AFFECTED = ("2.3", "2.14")
+# torch releases whose CppTile2DKernel.store applies transform_indexing twice in atomic_add mode
+# (pytorch/pytorch#191837, fixed upstream by pytorch/pytorch#191861): [first, end), as SIMPLIFY_AFFECTED (2.6: the
+# oldest torch we support; 2.13: the newest checked); move the end to the first release with the fix.
+TILE2D_AFFECTED = ("2.6", "2.14")
 CACHE_KEY_TAG = "dropbp-inductor-workarounds-1"  # our patched compiles' FX-graph / AOTAutograd cache entries
 
 
@@ -101,9 +109,13 @@ def inductor_workarounds():
         yield
 
 
-def _simplify_affected() -> bool:
-    first, end = SIMPLIFY_AFFECTED
+def _affected(bounds) -> bool:
+    first, end = bounds
     return first <= torch.__version__ < end  # a TorchVersion: compared as versions
+
+
+def _simplify_affected() -> bool:
+    return _affected(SIMPLIFY_AFFECTED)
 
 
 _SIMPLIFY_NAMES = ("stride_at", "simplify_index_in_vec_range", "stride_at_vec_range")
@@ -154,8 +166,7 @@ def simplify_by_expand():
     if not _simplify_affected():
         yield
         return
-    from torch._inductor import sizevars
-    from torch._inductor.codegen import cpp
+    sizevars, cpp = inductor_sizevars(), inductor_cpp()
 
     variants = _expand_variants(sizevars)
     if not variants:
@@ -179,8 +190,8 @@ _TILE2D_BUGGY: list[bool] = []  # [whether the installed Inductor has the bug], 
 @contextlib.contextmanager
 def tile2d_atomic_add_fix():
     """Work around an Inductor CPU codegen bug that writes out of bounds (pytorch/pytorch#191837; the upstream fix,
-    pytorch/pytorch#191861, does the same), for the compiles in this block only, and only where the installed
-    Inductor has the bug (read from its source: torch builds with the upstream fix are left alone). Outside the
+    pytorch/pytorch#191861, does the same), for the compiles in this block only, and only on the torch releases
+    with the bug (:data:`TILE2D_AFFECTED`, by version; ``DROPBP_NO_INDUCTOR_WORKAROUNDS=1`` turns it off). Outside the
     block, and so in the user's own ``torch.compile`` calls, ``CppTile2DKernel.store`` is torch's own.
 
     In a 2-D tiled C++ kernel (``CppTile2DKernel``: a transposed load fused with other work), a store in
@@ -193,8 +204,7 @@ def tile2d_atomic_add_fix():
     so when compiled as a DropBP piece (its KV-cache outputs put a transposed gradient in the same kernel); plain
     ``torch.compile`` fuses the whole model differently and happens not to. Fix (as upstream): for that path, hand
     ``CppVecKernel.store`` the untransformed index, so the offset is applied once."""
-    from torch._inductor import config
-    from torch._inductor.codegen import cpp
+    config, cpp = inductor_config(), inductor_cpp()
 
     if not _TILE2D_BUGGY:
         _TILE2D_BUGGY.append(_has_tile2d_bug(cpp))
@@ -218,18 +228,14 @@ def tile2d_atomic_add_fix():
 
 
 def _has_tile2d_bug(cpp) -> bool:
-    import inspect
-
-    try:
-        tile_store = inspect.getsource(cpp.CppTile2DKernel.store)
-        vec_store = inspect.getsource(cpp.CppVecKernel.store)
-        index_expr = inspect.getsource(cpp.CppTile2DOverrides.index_expr)
-    except (AttributeError, OSError, TypeError):  # another Inductor: nothing to fix here
-        return False
-    buggy = ("new_index = self.transform_indexing(index)" in tile_store
-             and "super().store(name, new_index, value, mode)" in tile_store
-             and "ops.index_expr(index" in vec_store and "transform_indexing" in index_expr)
-    log.debug("dropbp: Inductor's CppTile2DKernel.store %s pytorch/pytorch#191837", "has" if buggy else "is free of")
+    """Does this Inductor have pytorch/pytorch#191837? Decided by the torch version (:data:`TILE2D_AFFECTED`), not
+    by reading torch's source; an Inductor without the methods the fix calls is left alone."""
+    needed = [(cpp, "CppTile2DKernel"), (cpp, "CppVecKernel")]
+    present = all(hasattr(m, n) for m, n in needed) and all(
+        hasattr(cpp.CppTile2DKernel, n) for n in ("store", "need_vec_transpose", "rename_indexing"))
+    buggy = _affected(TILE2D_AFFECTED) and present
+    log.debug("dropbp: torch %s: Inductor's CppTile2DKernel.store %s pytorch/pytorch#191837", torch.__version__,
+              "has" if buggy else "is free of")
     return buggy
 
 
@@ -248,8 +254,8 @@ def input_key(args) -> tuple:
 
 def _size(n):
     if isinstance(n, torch.SymInt):
-        value = n.node.maybe_as_int()  # a SymInt that is a known constant (16) is keyed like the int 16
-        return str(n) if value is None else value
+        # a SymInt that is a known constant (16) is keyed like the int 16 (is_concrete_int: no guard)
+        return int(n) if is_concrete_int(n) else str(n)
     return n
 
 
@@ -278,14 +284,12 @@ def in_mode(mode, value):
     ``.item()`` returns: a float Dynamo made dynamic is a 0-d tensor whose ``.item()`` is its symbol, known
     only to the traced fake tensor (AOTAutograd's own conversion drops it, and ``.item()`` then fails with
     ``DataDependentOutputException``)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if not isinstance(value, FakeTensor) or value.fake_mode is mode:
+    if not is_fake_tensor(value) or value.fake_mode is mode:
         return value
-    memo = value.item_memo
+    memo = item_memo(value)
     converted = mode.from_tensor(value)
     if memo is not None:
-        converted.item_memo = memo
+        set_item_memo(converted, memo)
     return converted
 
 
@@ -294,10 +298,9 @@ def _static_fakes(args):
     Dynamo hands a backend. Without a shape environment AOTAutograd makes a mode that cannot trace an op whose
     output size depends on data (T5Gemma2's ``embeds[ids == eoi] = e``: ``index_put`` with a boolean mask,
     whose backward runs ``nonzero``: ``DynamicOutputShapeException``)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
+    mode = fake_tensor_mode(shape_env=ShapeEnv(), static_shapes=True)
     return mode, [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
 
 
@@ -308,7 +311,7 @@ def _no_view_replay():
     DeepSeek-V4, torch 2.13, some runs only; torch's own comment says view replay is not compatible with its
     AOTAutograd cache). ``as_strided`` regeneration, torch's other documented path, is exact. The flag is read
     when a piece is compiled, so this holds for our pieces only."""
-    return torch._functorch.config.patch(view_replay_for_aliased_outputs=False)
+    return functorch_config_patch(view_replay_for_aliased_outputs=False)
 
 
 class CompileCache:
@@ -337,7 +340,7 @@ class CompileCache:
         # which its backward, compiled lazily, looks up), over the graph's fake mode and its shape environment
         if scope is None:  # real tensors: fake ones of static sizes, over a shape environment of their own
             scope, args = _static_fakes(args)
-        with torch.set_grad_enabled(training), torch._guards.tracing(torch._guards.TracingContext(scope)), \
+        with torch.set_grad_enabled(training), tracing(scope), \
                 _no_view_replay():
             fn = inner_backend(self.inner)(gm, list(args))
         self.seconds += time.perf_counter() - start
@@ -379,7 +382,7 @@ class Compiled(nn.Module):
         self._no_grad_inputs: list[int] = []  # inputs it was compiled as not requiring grad
         self._dynamic = any(is_symbolic(node_value(n)) for n in gm.graph.nodes)
         fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
-        scope = torch._guards.detect_fake_mode(fakes) if self._dynamic and None not in fakes else None
+        scope = detect_fake_mode(fakes) if self._dynamic and None not in fakes else None
         if scope is not None and scope.shape_env is not None:
             fakes = [in_mode(scope, f) for f in fakes]
             self._symbolic = cache.get(gm, fakes, training, scope)

@@ -40,9 +40,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if not example_inputs or any(node_value(n) is not None for n in placeholders):
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from dropbp_fx._torch import fake_tensor_mode
 
-    _grad_fake_tensor_prop(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    _grad_fake_tensor_prop(gm, fake_tensor_mode(allow_non_fake_inputs=True)).propagate(*example_inputs)
 
 
 def _grad_fake_tensor_prop(gm, mode):

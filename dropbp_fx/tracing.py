@@ -21,6 +21,8 @@ import functools
 import torch
 from torch import nn
 
+from dropbp_fx._torch import compiled_call_impl, dynamo_config, set_compiled_call_impl
+
 SETTINGS = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
 
 
@@ -29,7 +31,7 @@ def traced_with_our_settings(call):
     settings are swapped by attribute (about 1 us), not through ``config.patch`` (about 40 us)."""
     if getattr(call, "_dropbp_settings", False):
         return call
-    config = torch._dynamo.config
+    config = dynamo_config()
 
     @functools.wraps(call)
     def run(*args, **kwargs):
@@ -50,11 +52,11 @@ def compile_in_place(owner: str, model: nn.Module, backend) -> None:
     """``model.compile(backend=...)`` traced under :data:`SETTINGS`: the module stays itself (its state dict and
     ``save_pretrained`` keep their names). A model compiled already is refused: ``owner`` must compile it with
     its own backend."""
-    if getattr(model, "_compiled_call_impl", None) is not None:
+    if compiled_call_impl(model) is not None:
         raise ValueError(f"{owner}: the model is already compiled (model.compile(...)); pass the uncompiled model "
                          f"and let {owner} compile it")
     model.compile(backend=backend)
-    model._compiled_call_impl = traced_with_our_settings(model._compiled_call_impl)
+    set_compiled_call_impl(model, traced_with_our_settings(compiled_call_impl(model)))
 
 
 def compile(model: nn.Module, backend=None, **options):  # noqa: A001 - torch.compile's spelling, on purpose

@@ -16,12 +16,10 @@ import math
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from . import graph_view as gv
+from ._torch import FakeTensorMode, TorchDispatchMode, deepcopy_to_fake_tensor, op_qualified_name, pytree, tensor_base
 
 aten = torch.ops.aten
 log = logging.getLogger("dropbp_fx.passes")
@@ -121,8 +119,6 @@ def count_flops(gm: fx.GraphModule, example_inputs) -> tuple[int, int]:
     mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv() if reads_data else None)
     args = [pytree.tree_map(lambda v: _fake_like(mode, v), v) for v in example_inputs]  # tuples of tensors too
     if any(True for _ in gm.parameters()) or any(True for _ in gm.buffers()):  # symbolic_trace: weights inside
-        from torch._dynamo.utils import deepcopy_to_fake_tensor
-
         gm = deepcopy_to_fake_tensor(gm, mode)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weights = [a for n, a in zip(placeholders, args) if isinstance(a, torch.Tensor) and gv.is_constant(n)]
@@ -190,14 +186,14 @@ class _Estimates(TorchDispatchMode):
         while t is not None:
             if id(t) in self.weights:
                 return True
-            t = t._base
+            t = tensor_base(t)
         return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = getattr(func, "overloadpacket", None)
-        if packet is None or packet in self.registry or packet._qualified_op_name.split("::")[0] in _TORCH_NAMESPACES:
+        if packet is None or packet in self.registry or op_qualified_name(packet).split("::")[0] in _TORCH_NAMESPACES:
             return out
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         weights = [t for t in tensors if t.dim() >= 2 and self._is_weight(t)]
@@ -211,7 +207,7 @@ class _Estimates(TorchDispatchMode):
                 _LOGGED.add(packet)
                 log.info("dropbp: no FLOP formula for %s, which reads a %s weight: counted as 2 x weight elements "
                          "x rows (%d FLOPs here); register one with torch.utils.flop_counter.register_flop_formula",
-                         packet._qualified_op_name, tuple(weight.shape), estimate)
+                         op_qualified_name(packet), tuple(weight.shape), estimate)
         return out
 
 

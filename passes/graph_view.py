@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import kernels
+from ._torch import torch_grouped_mm
 from .data_flow import (between, constant_nodes, data_flow_graph, differentiable_ancestors,  # noqa: F401
                         metadata_nodes, reaches, reaches_avoiding)
 from .module_paths import clean_module_path, common_module_path, module_path, structure_key  # noqa: F401
@@ -73,7 +74,7 @@ def is_dropout(node: fx.Node) -> bool:
 # parametric compute: matmul, linear, conv, attention
 # ---------------------------------------------------------------------------
 _COMPUTE_FUNCTIONS = {
-    torch._C._nn.linear, torch.nn.functional.linear, torch.matmul, operator.matmul, torch.mm, torch.bmm,
+    torch.nn.functional.linear, torch.matmul, operator.matmul, torch.mm, torch.bmm,
     torch.addmm, torch.baddbmm, torch.addbmm, torch.einsum, torch.bilinear,
     torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
     torch.nn.functional.conv3d, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
@@ -90,7 +91,7 @@ _COMPUTE_ATEN = {
 # Grouped (mixture-of-experts) matmuls: transformers' MoE experts run ``F.grouped_mm`` / ``torch._grouped_mm``,
 # or, where those cannot run (CPU, fp32), its own custom op ``torch.ops.transformers.grouped_mm_fallback``.
 _COMPUTE_FUNCTIONS |= {f for f in (getattr(torch.nn.functional, "grouped_mm", None),
-                                  getattr(torch, "_grouped_mm", None)) if f is not None}
+                                  torch_grouped_mm) if f is not None}
 _COMPUTE_METHODS = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm"}
 
 

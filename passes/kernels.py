@@ -27,13 +27,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._torch import HigherOrderOperator, OpOverloadPacket, op_qualified_name
+
 # Namespaces whose operators the vocabulary already knows (or that are not kernels of their own).
 _KNOWN_NAMESPACES = ("aten", "prims", "_c10d_functional", "c10d_functional", "higher_order", "profiler", "inductor")
 
 
 def is_hop(node: fx.Node) -> bool:
     """A higher-order op call (``autograd_function_apply``, ``invoke_subgraph``, ``flex_attention``, ...)."""
-    return node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
+    return node.op == "call_function" and isinstance(node.target, HigherOrderOperator)
 
 
 def is_custom_op(node: fx.Node) -> bool:
@@ -42,9 +44,9 @@ def is_custom_op(node: fx.Node) -> bool:
         return False
     target = node.target
     packet = getattr(target, "overloadpacket", target)
-    if not isinstance(packet, torch._ops.OpOverloadPacket):
+    if not isinstance(packet, OpOverloadPacket):
         return False
-    return packet._qualified_op_name.split("::")[0] not in _KNOWN_NAMESPACES
+    return op_qualified_name(packet).split("::")[0] not in _KNOWN_NAMESPACES
 
 
 def is_kernel(node: fx.Node) -> bool:
@@ -61,7 +63,7 @@ def kernel_name(node: fx.Node) -> str:
         owner = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
         return f"{name}({owner})" if owner and owner != name else name
     packet = getattr(node.target, "overloadpacket", node.target)
-    return getattr(packet, "_qualified_op_name", str(node.target))
+    return op_qualified_name(packet, str(node.target))
 
 
 def bodies(node: fx.Node, root: nn.Module | None) -> list[fx.GraphModule]:

@@ -40,9 +40,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.tools_common import stable_topological_sort
-from torch.utils._pytree import tree_flatten
 
 from . import graph_view as gv
+from ._torch import pytree
 from .dead_code import remove_dead_code
 from .outline import outline
 
@@ -139,7 +139,7 @@ def _gate_consumers(gm: fx.GraphModule, is_gate: Callable[[fx.Node], bool]) -> d
 
     unit = {n: region for region in _regions(gm.graph.nodes, gate_or_part) for n in region}
     returned: dict[fx.Node, set[tuple[str, int]]] = {}  # node -> the output positions that return it
-    for i, value in enumerate(tree_flatten(gm.graph.output_node().args)[0]):
+    for i, value in enumerate(pytree.tree_flatten(gm.graph.output_node().args)[0]):
         if isinstance(value, fx.Node):
             returned.setdefault(value, set()).add(("output", i))
     feeds: dict[fx.Node, frozenset | None] = {}

@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch._dynamo.reset()  # a fresh Dynamo cache: main() may run more than once in a process (tests)
+    torch.compiler.reset()  # a fresh Dynamo cache: main() may run more than once in a process (tests)
     start = time.perf_counter()
     try:
         return _main(args, start)
