@@ -16,16 +16,20 @@
   vocabulary (ids 0-2 kept); positions -> at most 128; attention windows and chunks -> at most 8;
 * every dropout, layer drop, drop path and router jitter -> 0; image size -> 32, patch size -> 4.
 
-The relations it keeps between values and the repairs it makes are in :mod:`dropbp_fx.shrink_rules`.
-What the rule cannot build raises in ``AutoConfig``/the constructor, and the catalogue lists the type as
-unbuildable with that message.
+The relations it keeps between values and the repairs it makes are in :mod:`dropbp_fx.shrink_rules`; per-layer
+lists of layer indices (each layer's K/V source) are remapped to the kept layers. Where the rule's model does not
+build or train one eager step, :func:`dropbp_fx.models.build` tries the gentler shrinks of
+:mod:`dropbp_fx.shrink_gentle` (``shrink(config, keep=..., fill=..., least=..., wide=...)``); what none of them
+builds raises the rule's own exception, and the catalogue lists the type as unbuildable with that message.
 """
 
 from __future__ import annotations
 
 import re
 
+from dropbp_fx import shrink_gentle as gentle
 from dropbp_fx import shrink_rules as rules
+from dropbp_fx.shrink_gentle import GENTLER, describe  # noqa: F401 (re-exported)
 
 LAYERS = 2
 HIDDEN = 64
@@ -64,7 +68,7 @@ _RULES: list[tuple[str, str]] = [
      r"^attention_hidden_size$|^lru_width$|_hidden_size$|^true_hidden_size$|^intra_bottleneck_size$|"
      r"embedding_size$|^embedding_dim$|^projection_dim$|^hidden_sizes$|^embed_dims?$)", "hidden"),
     (r"^(num_groups|norm_num_groups)$", "groups"),
-    (r"vocab_size", "vocab"),
+    (r"(vocab_size|_vocab$)", "vocab"),
     (r"(token_id|token_index)$", "token"),
     (r"(max_position_embeddings|^n_positions$|^max_seq_len$|^n_ctx$|^context_length$|_positions$|^max_pos_emb$)",
      "positions"),
@@ -139,9 +143,9 @@ def _scalar(cls: str, v, ctx: dict):
     if cls == "one":
         return min(v, 1)
     if cls == "ffn":
-        return FFN if v > 0 else v
+        return FFN * ctx.get("wide", 1) if v > 0 else v
     if cls == "hidden":
-        return HIDDEN if v > 0 else v
+        return HIDDEN * ctx.get("wide", 1) if v > 0 else v
     if cls == "groups":  # of a group norm: they divide the shrunk widths
         return min(v, HEADS)
     if cls == "vocab":
@@ -163,8 +167,10 @@ def _scalar(cls: str, v, ctx: dict):
 
 def _value(name: str, v, ctx: dict):
     cls = classify(name)
-    if cls is None:
+    if cls is None or cls in ctx.get("keep", ()):
         return v
+    if cls in ctx.get("least", ()) and _int(v):
+        return min(v, 0)
     if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         if cls == "image":
             return type(v)([IMAGE] * len(v))
@@ -177,6 +183,11 @@ def _value(name: str, v, ctx: dict):
 def _is_index_list(name: str, v, n: int) -> bool:
     return ("layer" in name or "ids" in name or "indices" in name) and isinstance(v, (list, tuple)) and v != [] \
         and all(_int(x) and 0 <= x < n for x in v) and list(v) == sorted(set(v)) and len(v) != n
+
+
+def _is_source_list(name: str, v) -> bool:
+    """A per-layer list of layer indices: each entry an earlier layer or the layer itself (``kv_source_layers``)."""
+    return "layer" in name and all(_int(x) and 0 <= x <= i for i, x in enumerate(v)) and list(v) != list(range(len(v)))
 
 
 def _is_layer_keyed(v, n: int) -> bool:
@@ -216,6 +227,8 @@ def _shrink_dict(d: dict, ctx: dict) -> dict:
     virtual = [[repr(v.get(key)) for key in _layer_keys(v, n)] for v in by_layer.values()]
     target, parts = rules.layer_target(d, n, LAYERS, classify)
     kept = _keep(list(per_layer.values()) + virtual, n, target) if per_layer or virtual else list(range(target))
+    if n and "layers" in ctx.get("keep", ()):  # the layer count as it was: every per-layer entry too
+        target, parts, kept = n, {}, list(range(n))
     out = {}
     for k, v in d.items():
         if k.lstrip("_") in _DERIVED:
@@ -229,6 +242,8 @@ def _shrink_dict(d: dict, ctx: dict) -> dict:
             out[k] = v if "rope" in k else _shrink_dict(v, local)  # rope dicts: after the head dims, below
         elif k in all_layers:
             out[k] = type(v)(range(target))
+        elif k in per_layer and _is_source_list(k, v):  # each layer's source layer (whose K/V it reads): remapped
+            out[k] = type(v)(kept.index(v[i]) if v[i] in kept else j for j, i in enumerate(kept))
         elif k in per_layer:
             kept_values = [v[i] for i in kept]
             cls = classify(k)
@@ -245,11 +260,14 @@ def _shrink_dict(d: dict, ctx: dict) -> dict:
     for k in d:  # layer counts follow the parts; a count of all the layers (shared, dense, ...) stays all
         if (parts and classify(k) == "layers" or classify(k) == "few" and k not in parts) and n and d[k] == n:
             out[k] = target
+        elif n and d[k] == n and isinstance(k, str) and k.endswith("_blocks") and _int(d[k]):  # blocks: the layers
+            out[k] = target
     rules.keep_equal_head_dims(d, out, classify)
     overrides = [(d[k][key], new) for k in by_layer for key, new in zip([key for key in _layer_keys(d[k], n)
                  if key in d[k] and _layer_keys(d[k], n).index(key) in kept], out[k].values())]
     rules.keep_sums(d, out, classify, overrides)
     rules.keep_list_relations(d, out)
+    rules.keep_multiples(d, out, classify)
     rules.keep_within_positions(d, out, classify)
     rules.fill_experts(out, EXPERTS)
     rules.ssm_width(out)
@@ -288,18 +306,25 @@ def _shrink_rope(rope: dict, old: dict, new: dict) -> dict:
     return out
 
 
-def shrink_dict(d: dict) -> dict:
-    """The rule on a config dict (``config.to_dict()``); a new dict."""
-    ctx = {"token_map": {}}
+def shrink_dict(d: dict, keep=(), fill: bool = False, least=(), wide: int = 1) -> dict:
+    """The rule on a config dict (``config.to_dict()``); a new dict. A gentler shrink (:data:`GENTLER`):
+    ``keep``, classes of values left as they were; ``fill``, token ids and clipping bounds left ``None`` given
+    values; ``least``, classes set to 0 (counts of special layers: none); ``wide``, hidden and FFN sizes that
+    many times the rule's."""
+    ctx = {"token_map": {}, "keep": frozenset(keep), "least": frozenset(least), "wide": wide}
     out = _shrink_dict(d, ctx)
     rules.keep_equal_sizes(d, out, rules.hidden_map(d, out, classify))
+    if fill:
+        gentle.fill_token_ids(out, classify, VOCAB - 1 - len([t for t in ctx["token_map"] if t >= 3]))
+        gentle.fill_bounds(out)
     return out
 
 
-def shrink(config):
-    """A new config of the same class, shrunk by the rule (the constructor validates it)."""
+def shrink(config, **gentler):
+    """A new config of the same class, shrunk by the rule (the constructor validates it); ``gentler``: a
+    gentler shrink (keyword arguments of :func:`shrink_dict`)."""
     original = config.to_dict()
-    d = shrink_dict(original)
+    d = shrink_dict(original, **gentler)
     for key in ("transformers_version", "architectures", "_name_or_path"):
         d.pop(key, None)
     d["dtype"] = "float32"

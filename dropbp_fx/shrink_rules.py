@@ -12,9 +12,12 @@ still does not validate. All are rules on names and on relations between values,
   every attention layer gets one (last layer); empty RoPE parameters get defaults (per layer kind); experts
   left ``None`` beside a MoE FFN size get a count; a ``default_X`` left ``None`` beside a list ``Xs`` takes its
   first entry;
-* equal sizes: a size left untouched that equalled a hidden size before takes its new value (adapter dims);
+* equal sizes: a size left untouched that equalled a hidden size before takes its new value (adapter dims,
+  ``hidden_size_global``); a hidden size that was a multiple of the hidden size stays that multiple (a block
+  reading the hidden states concatenated with the embeddings); state-space heads x head dim = expand x hidden;
+  block counts equal to the layer count follow it;
 * attributes a model reads from a sub-config that lacks them are lent by the parent config (or its RoPE
-  parameters);
+  parameters); those it reads from a parent that lacks them, by the sub-configs where they agree;
 * validator messages: ``X must be V, got W`` and ``requires X=V`` set ``X`` to ``V``; ``X (a) must be a
   multiple of Y (b)`` sets ``Y`` to 1; ``missing required
   fields`` sets the missing ones small (dims 16, others 4).
@@ -58,7 +61,7 @@ def keep_equal_head_dims(old: dict, new: dict, classify) -> None:
 def ssm_width(d: dict) -> None:
     """State-space heads x head dim = expand x hidden (Mamba-2 style layers), and d_ssm their product."""
     for pre in ("", "mamba_"):
-        heads = next((k for k in (f"{pre}n_heads", f"{pre}num_heads") if _int(d.get(k))), None)
+        heads = next((k for k in (f"{pre}n_heads", f"{pre}num_heads", f"n_{pre}heads") if _int(d.get(k))), None)
         dim = next((k for k in (f"{pre}d_head", f"{pre}head_dim", f"{pre}headdim") if _int(d.get(k))), None)
         expand, hidden = d.get(f"{pre}expand"), d.get("hidden_size")
         if heads and dim and _int(expand) and _int(hidden):
@@ -81,6 +84,18 @@ def keep_sums(old: dict, new: dict, classify, per_layer: list[tuple[dict, dict]]
                             and o[a] == o[b] + o[c] and all(_int(nv[x]) for x in (a, b, c)):
                         target = n_over if a in n_over else new
                         target[a] = nv[b] + nv[c]
+
+
+def keep_multiples(old: dict, new: dict, classify) -> None:
+    """Hidden sizes that were a multiple of the hidden size (a block that reads the hidden states concatenated
+    with the embeddings: twice as wide) stay that multiple of the new one."""
+    hidden = next((k for k in ("hidden_size", "d_model", "n_embd") if _int(old.get(k)) and _int(new.get(k))), None)
+    if not hidden:
+        return
+    for k, v in old.items():
+        if k != hidden and _int(v) and classify(k) == "hidden" and v != old[hidden] and v % old[hidden] == 0 \
+                and _int(new.get(k)):
+            new[k] = v // old[hidden] * new[hidden]
 
 
 def keep_list_relations(old: dict, new: dict) -> None:
@@ -168,7 +183,8 @@ def keep_equal_sizes(old: dict, new: dict, sizes: dict) -> None:
     for k, v in old.items():
         if isinstance(v, dict) and isinstance(new.get(k), dict) and not k.startswith("_"):
             keep_equal_sizes(v, new[k], sizes)
-        elif isinstance(k, str) and _int(v) and v >= 256 and new.get(k) == v and v in sizes and re.search(r"(dim|size)$", k):
+        elif isinstance(k, str) and _int(v) and v >= 256 and new.get(k) == v and v in sizes \
+                and re.search(r"(dim|size)($|_)", k):
             new[k] = sizes[v]
 
 
@@ -248,9 +264,18 @@ def default_config(model_type: str):
 
 def lend_missing(config, exc: BaseException) -> bool:
     """``'XConfig' object has no attribute 'a'`` on a sub-config: ``a`` from the parent (or its RoPE
-    parameters) set on it; True if it was."""
+    parameters) set on it; on the parent: ``a`` from its sub-configs, where all that have it agree (BLT's
+    layer count, read by the cache); True if it was."""
     m = re.search(r"'(\w+)' object has no attribute '(\w+)'", str(exc))
     if not (isinstance(exc, AttributeError) and m):
+        return False
+    subs = [sub for sub in vars(config).values() if hasattr(sub, "to_dict") and not isinstance(sub, type)]
+    if type(config).__name__ == m.group(1):  # the parent lacks it: lent by its sub-configs, where they agree
+        values = {repr(getattr(sub, m.group(2))): getattr(sub, m.group(2)) for sub in subs
+                  if getattr(sub, m.group(2), None) is not None}
+        if len(values) == 1:
+            setattr(config, m.group(2), next(iter(values.values())))
+            return True
         return False
     for sub in vars(config).values():
         if type(sub).__name__ == m.group(1) and hasattr(sub, "to_dict"):
