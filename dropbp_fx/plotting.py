@@ -3,6 +3,8 @@ calls actually dropped, and its share of the branches' backward FLOPs (``DropBP.
 
 from __future__ import annotations
 
+from dropbp_fx.gate_spec import flops_shares
+
 
 def plot_gates(dbp, path: str, title: str | None = None) -> str:
     """Write the PNG to ``path`` (needs matplotlib); returns ``path``. One row per gate, in model order, so that
@@ -21,9 +23,7 @@ def plot_gates(dbp, path: str, title: str | None = None) -> str:
     names = [g.name for g in gates]
     rates = [g.rate for g in gates]
     realised = [g.drops / g.calls if g.calls else float("nan") for g in gates]
-    bwd = [g.flops[1] if g.flops else 0 for g in gates]
-    total = sum(bwd) or 1
-    shares = [b / total for b in bwd]
+    label, shares = flops_shares(gates)
 
     n = len(gates)
     height = max(3.0, 0.22 * n + 1.4)
@@ -38,7 +38,8 @@ def plot_gates(dbp, path: str, title: str | None = None) -> str:
     ax_rate.legend(loc="lower right", fontsize=8)
     ax_flops.barh(rows, shares, color="tab:blue", alpha=0.7, height=0.7)
     ax_flops.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax_flops.set_xlabel("share of the gated branches' backward FLOPs" if any(bwd) else "no FLOPs counted (no shapes)")
+    ax_flops.set_xlabel("share of the gated branches' backward FLOPs" if label == "bwd FLOPs share"
+                        else "share of the gated branches' parameter elements (no shapes to count FLOPs on)")
     ax_rate.set_yticks(rows)
     ax_rate.set_yticklabels(names, fontsize=7 if n > 24 else 9)
     ax_rate.invert_yaxis()  # the first layer on top
