@@ -274,7 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--screen", action="store_true", help="the screening run: every mechanism alone and combined "
                    f"({','.join(SCREEN_CONFIGS)}), seeds 0,1; writes convergence-screen.*")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"subset of {TASKS}")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick 0)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2,3,4; screen 0,1; quick 0)")
     p.add_argument("--configs", default=None,
                    help="DropBP configurations, {sensitivity,uniform}_p<rate> (the baseline always runs; default "
                         f"{','.join(CONFIGS[1:])})")
