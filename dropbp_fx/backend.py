@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from dropbp_fx import discovery, distributed, pipeline
+from dropbp_fx.branch_only import BranchOnlyGrads
 from dropbp_fx.config import DropBPConfig, validate_options  # noqa: F401 (validate_options: public API)
 from dropbp_fx.controller import DropController
 from dropbp_fx.discovery import get_dropbp  # noqa: F401 (public API)
@@ -69,6 +70,7 @@ class DropBP:
         self.compile_cache = CompileCache(config.inner) if config.inner != "eager" else None
         self.flops = FlopsCache()
         self.reports = Reports()
+        self.branch_only = BranchOnlyGrads(self.controller)  # trunk parameters the gates' branches alone train
         self._root = None  # weakref to the compiled model
         self._ddp_problem: str | None = None  # why the DDP wrapper cannot take a rate > 0 (see _check_distributed)
 
@@ -148,6 +150,9 @@ class DropBP:
             self.reports.stream_mutations(result.mutated_streams)
             for gate, spec in result.gates:
                 gate.slot = self.controller.register(spec)
+            for parameter, name, indices in result.branch_only:
+                slots = None if indices is None else tuple(result.gates[i][0].slot for i in indices)
+                self.branch_only.add(parameter, name, slots)
             if result.watch is not None:
                 graph, trunk_inputs_train = result.watch
                 self.controller.watch(graph)

@@ -233,6 +233,13 @@ class DropController:
         gate.drops += dropped
         return dropped
 
+    def closed(self, slot: int) -> bool:
+        """Is the gate closed in the mask of the step now running (a calibration's forced mask inside
+        :meth:`forcing`)? Unlike :meth:`is_dropped` it draws and counts nothing (backward hooks ask it)."""
+        if self._forced is not None:
+            return self._forced.get(slot, False)
+        return slot < len(self._mask) and self._mask[slot]
+
     def _new_step(self) -> None:
         if self._resumed is not None and self.step > self._resumed[0]:  # a whole step ran since the load
             never_ran = [g.name for g in self.gates if g.calls == 0]

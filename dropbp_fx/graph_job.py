@@ -78,6 +78,8 @@ class GraphResult:
     no_branch: bool = False  # a graph without residual branch (nor gated checkpointed region)
     mutated_streams: list = field(default_factory=list)  # branches whose stream is changed in place before the add
     watch: tuple[fx.GraphModule, bool] | None = None  # a graph with no model: (it, does a grad input feed the trunk)
+    # trunk parameters: (parameter, name, indices into ``gates`` of the gates every gradient path enters, or None)
+    branch_only: list = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class GraphJob:
     specs: list[GateSpec] = field(default_factory=list)  # specs: one per gate
     watch: tuple | None = None  # watch
     siblings: list = field(default_factory=list)  # anchor: naming.LayerSiblings of the anchored gates
+    branch_only: list = field(default_factory=list)  # branch-only: (parameter, name, gate indices or None)
 
     @property
     def model(self) -> nn.Module:
@@ -122,7 +125,7 @@ class GraphJob:
     def result(self) -> GraphResult:
         return GraphResult(self.record, [(c.gate, spec) for c, spec in zip(self.gates, self.specs)], self.cut,
                            self.record is not None and not self.analysis.branches and not self.gated,
-                           self.mutated_streams, self.watch)
+                           self.mutated_streams, self.watch, self.branch_only)
 
 
 @dataclass(frozen=True)

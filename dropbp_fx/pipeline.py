@@ -165,6 +165,29 @@ def make_specs(job: GraphJob) -> StepResult:
     return StepResult(job.gm, False, specs)
 
 
+def find_branch_only_params(job: GraphJob) -> StepResult:
+    """Find the trunk's trainable parameters whose gradient comes only through some gates' branches."""
+    from dropbp_fx.passes.grad_paths import gates_on_every_path
+
+    index = {c.call: i for i, c in enumerate(job.gates)}
+    anchored = any(c.gate.anchor is not None for c in job.gates)
+    sources = {}  # placeholder / get_attr node -> its trainable parameter, read by the trunk
+    for node, value in shapes.placeholder_values(job.gm, job.example_inputs).items():
+        sources[node] = value
+    for node in job.gm.graph.nodes:
+        if node.op == "get_attr":
+            sources[node] = shapes.attr(job.gm, node.target)
+    sources = {n: v for n, v in sources.items() if isinstance(v, torch.nn.Parameter) and v.requires_grad
+               and id(v) in job.parameter_names and any(u not in index for u in n.users)}
+    found = []  # (parameter, its name, indices of the gates every path enters, or None)
+    for node, gates in gates_on_every_path(job.gm, sources, lambda n: n in index).items():
+        # a layer-frame graph's gates change with the layer: its parameters are left as they are
+        usable = gates is not None and gates and not anchored
+        found.append((sources[node], job.parameter_names[id(sources[node])],
+                      tuple(sorted(index[g] for g in gates)) if usable else None))
+    return StepResult(job.gm, False, found)
+
+
 def watch_graph(job: GraphJob) -> StepResult:
     """A graph with no compiled model around it (hand-traced, a compiled function): follow its own mode."""
     if job.inputs.model is not None:
@@ -199,6 +222,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("specs", make_specs, "specs"),
     Pass("watch", watch_graph, "watch"),
     Pass("anchor", anchor_layer_gates, "siblings"),
+    Pass("branch-only", find_branch_only_params, "branch_only"),
 )
 
 

@@ -564,3 +564,13 @@ def test_rotating_types(index):
     model_type = _rotating()[index]
     rec = check(model_type, "causal-lm", INNER, run_baseline=False)
     assert rec.status not in ("WRONG GRADIENT", "wrong forward"), f"{model_type}: {rec.status}: {rec.reason}"
+
+
+def test_pegasus_x_global_tokens_get_no_gradient_when_their_gates_close():
+    """PEGASUS-X's ``embed_global`` is read only by the encoder's attention branches (its global stream after
+    the last layer is dropped): on a step that closes them, the eager oracle leaves its ``.grad`` as ``None``,
+    while the compiled trunk segment hands it zeros. ``dropbp_fx.branch_only`` puts ``None`` back (this check
+    failed with WRONG GRADIENT, ``embed_global.weight: grad is set, oracle None``, before it)."""
+    rec = check("pegasus_x", "seq2seq-lm", INNER, run_baseline=False)
+    assert rec.status == "pass", f"{rec.status}: {rec.reason}"
+    assert rec.checked_steps == 4

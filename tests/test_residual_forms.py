@@ -106,3 +106,97 @@ def test_closed_gate_closes_the_documented_branch(block):
         reference(x, closed=closed).backward()
         assert_same_grads(grads(net), grads(reference), rtol=1e-9, atol=1e-12)
     torch._dynamo.reset()
+
+
+class GlobalAttention(nn.Module):
+    """The tokens attend to themselves and to the global tokens ``g``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
+
+    def forward(self, x, g):
+        k, v = self.kv(torch.cat([x, g], dim=1)).chunk(2, dim=-1)
+        return self.o(torch.softmax(self.q(x) @ k.transpose(1, 2) / D ** 0.5, dim=-1) @ v)
+
+
+class GlobalTokens(nn.Module):
+    """PEGASUS-X's global tokens, reduced: the trunk computes them once from their embedding and every layer's
+    attention branch reads them; nothing else does. On a step that closes every ``attn``, the embedding gets no
+    gradient (``None``), as in the eager model with those branches detached. In this model autograd never runs the
+    trunk segment's backward for it (PEGASUS-X, where a compiled segment does hand it zeros, is checked in
+    tests/test_catalogue.py); here the test pins what the branch-only pass finds and the oracle on every mask."""
+
+    def __init__(self, layers=2):
+        super().__init__()
+        self.inp, self.out = nn.Linear(D, D), nn.Linear(D, 1)
+        self.embed_global = nn.Embedding(3, D)
+        self.attn = nn.ModuleList(GlobalAttention() for _ in range(layers))
+        self.mlp = nn.ModuleList(_mlp() for _ in range(layers))
+
+    def forward(self, x, closed=frozenset()):
+        h = self.inp(x)
+        g = self.embed_global.weight.unsqueeze(0).expand(x.shape[0], -1, -1) * 2.0
+        for i, (attn, mlp) in enumerate(zip(self.attn, self.mlp)):
+            a = attn(h, g)
+            h = h + (a.detach() if f"attn.{i}" in closed else a)
+            m = mlp(h)
+            h = h + (m.detach() if f"mlp.{i}" in closed else m)
+        return self.out(h).pow(2).mean()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
+def test_trunk_parameter_read_only_by_closed_branches_gets_no_gradient(inner):
+    torch.manual_seed(0)
+    net = GlobalTokens().double()
+    reference = copy.deepcopy(net)
+    x = torch.randn(2, 5, D, dtype=torch.double)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x)
+    gates = ["attn.0", "attn.1", "mlp.0", "mlp.1"]
+    assert sorted(dbp.gate_names) == gates
+    assert dict(dbp.branch_only.names) == {"embed_global.weight": frozenset(
+        dbp.gate_names.index(g) for g in ("attn.0", "attn.1"))}
+    tol = dict(rtol=1e-9, atol=1e-12) if inner != "inductor" else dict(rtol=1e-6, atol=1e-9)
+    for k in range(len(gates) + 1):
+        for closed in itertools.combinations(gates, k):
+            dbp.set_rates({g: (1 - 1e-12 if g in closed else 0.0) for g in dbp.gate_names})
+            net.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+            compiled(x).backward()
+            reference(x, closed=closed).backward()
+            assert_same_grads(grads(net), grads(reference), **tol)
+    # gradient accumulation: a gradient from an earlier micro-step is kept, whatever this step closes
+    dbp.set_rates(0.0)
+    net.zero_grad(set_to_none=True)
+    compiled(x).backward()
+    before = net.embed_global.weight.grad.clone()
+    dbp.set_rates(1 - 1e-12)
+    compiled(x).backward()
+    torch.testing.assert_close(net.embed_global.weight.grad, before)
+    torch._dynamo.reset()
+
+
+def test_gates_on_every_path_skips_paths_that_end_nowhere():
+    """A gate whose output the graph drops (PEGASUS-X's last global-stream branch) is not on a gradient path;
+    a path to the output without a gate makes the answer ``None``."""
+    from dropbp_fx.passes.grad_paths import gates_on_every_path
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g0, self.g1, self.dead = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+        def forward(self, h, w, v):
+            e, u = w * 2.0, v * 3.0
+            h = h + self.g0(h + e)
+            unused = e + self.dead(e)  # a stream the graph computes and drops
+            h = h + self.g1(h * e)
+            return h + u
+
+    gm = torch.fx.symbolic_trace(Net())  # the tracer keeps the dropped stream
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = gates_on_every_path(gm, [nodes["w"], nodes["v"], nodes["h"]], lambda n: n.op == "call_module")
+    assert found[nodes["w"]] == frozenset({nodes["g0"], nodes["g1"]})
+    assert found[nodes["v"]] is None and found[nodes["h"]] is None
