@@ -144,6 +144,12 @@ class DropBPConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+# What the callbacks do without options: the configuration the convergence benchmark measured best or tied on
+# all three of its tasks (benchmarks/results/convergence.md, 5 seeds, 2026-12-07; docs/schedules.md):
+# the automatic rate with per-branch learning-rate compensation. The backend alone cannot do either (no loss to
+# calibrate with, no optimizer), so it keeps drop_rate=0.5 and optimizer_mode="none".
+RECOMMENDED = {"drop_rate": "auto", "optimizer_mode": "lr_scale"}
+
 OPTIONS = {f.name: f.metadata["help"].replace("`", "") for f in dataclasses.fields(DropBPConfig)}
 DEFAULTS = DropBPConfig().as_dict()
 

@@ -31,7 +31,7 @@ def _run(tmp_path, *args):
 
 
 def test_demo_drops_and_reports(tmp_path, model_args):
-    report, saved = _run(tmp_path, *model_args, "--drop-rate", "0.5")
+    report, saved = _run(tmp_path, *model_args, "--drop-rate", "0.5", "--rates", "sensitivity")
     assert saved["baseline"] == "eager" and saved["dropbp"] == "dropbp+eager"
     rows = {row["run"]: row for row in saved["table"]}
     assert list(rows) == ["eager", "dropbp+eager"]
@@ -77,6 +77,17 @@ def test_demo_drops_and_reports(tmp_path, model_args):
     else:
         assert dropbp["time_to_target_speedup"] == pytest.approx(base["time_to_target_s"] / dropbp["time_to_target_s"])
     assert "time to eager's final loss" in report["markdown"]
+
+
+def test_demo_default_is_the_recommended_configuration(tmp_path, model_args):
+    """Without flags the DropBP run is the callbacks' default: the automatic target, lr_scale."""
+    _, saved = _run(tmp_path, *model_args)
+    assert saved["args"]["rates"] == "auto" and saved["args"]["optimizer_mode"] == "lr_scale"
+    target = saved["calibrated_target"]
+    assert 0.0 <= target <= 0.9
+    gates = saved["gates"]
+    flops = [g["bwd_flops"] for g in gates]
+    assert sum(g["rate"] * f for g, f in zip(gates, flops)) / sum(flops) == pytest.approx(target, abs=1e-3)
 
 
 def test_time_to_target_reads_the_smoothed_loss_on_the_clock():

@@ -89,6 +89,21 @@ def test_trainer_trains_with_dropbp_and_logs_its_fields(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
+def test_callback_defaults_are_the_recommended_configuration(tmp_path):
+    """Without options the callback runs drop_rate="auto" with lr_scale (docs/schedules.md): the automatic rule
+    chooses the target at the calibration, and the learning-rate compensation reaches the optimizer the Trainer
+    steps (accelerate's AcceleratedOptimizer wraps it; the hooks go on the torch optimizer inside)."""
+    callback = DropBPCallback(calibrate_at=0.25, inner="eager")
+    assert callback.options["drop_rate"] == "auto" and callback.options["optimizer_mode"] == "lr_scale"
+    trainer = _train(tmp_path, callback)
+    dbp = callback.dropbp
+    [link] = dbp.optimizer_links
+    assert link.mode == "lr_scale" and type(link.optimizer).__module__.startswith("torch.optim")
+    assert link.optimizer is trainer.optimizer.optimizer
+    assert link.scaled_steps > 0
+    assert callback.calibrated and callback.calibration.auto is not None  # the rule chose the target
+
+
 def test_gradient_accumulation_draws_a_mask_per_micro_batch(tmp_path):
     callback = DropBPCallback(drop_rate=0.5, calibrate=None, inner="eager")
     trainer = _train(tmp_path, callback, max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2)

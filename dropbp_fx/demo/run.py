@@ -18,7 +18,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import dropbp_fx
-from dropbp_fx.config import DEFAULTS, NAMED_INNER, OPTIONS, DropBPConfig
+from dropbp_fx.config import DEFAULTS, NAMED_INNER, OPTIMIZER_MODES, OPTIONS, RECOMMENDED, DropBPConfig
 from dropbp_fx.demo import data
 from dropbp_fx.demo.report import cpu_name, plot, realised_drop, summarise, table
 
@@ -38,8 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"'{PRETRAINED}' (pretrained all-MiniLM-L6-v2) or a transformers model type built from a "
                         "small config with random init: llama, bert, gpt2, ...")
     p.add_argument("--drop-rate", type=float, default=DEFAULTS["drop_rate"], help=OPTIONS["drop_rate"])
-    p.add_argument("--rates", default="sensitivity", choices=["sensitivity", "uniform"],
-                   help="per-branch rates calibrated at 10%% of the steps, or the same rate everywhere")
+    p.add_argument("--rates", default="auto", choices=["auto", "sensitivity", "uniform"],
+                   help="at 10%% of the steps, per-branch rates calibrated for a target the run's measurements "
+                        "choose (auto, the callbacks' default; --drop-rate until then) or for --drop-rate "
+                        "(sensitivity); or --drop-rate everywhere (uniform)")
+    p.add_argument("--optimizer-mode", default=RECOMMENDED["optimizer_mode"], choices=OPTIMIZER_MODES,
+                   help=OPTIONS["optimizer_mode"].replace("%", "%%"))
     p.add_argument("--steps", type=int, default=80, help="timed training steps per run")
     p.add_argument("--cap", type=float, default=2.0, help="the DropBP run trains on until it reaches the "
                    "baseline's final train loss, up to this x --steps")
@@ -136,12 +140,17 @@ def make_runs(model, args) -> list[Run]:
     base_model = copy.deepcopy(model)
     compiled = base_model if args.inner == "eager" else torch.compile(base_model, backend=args.inner)
     base = Run(args.inner, base_model, compiled, args.lr)
-    options = {"drop_rate": args.drop_rate, "inner": args.inner, "seed": args.seed}
+    options = {"drop_rate": args.drop_rate, "inner": args.inner, "seed": args.seed,
+               "optimizer_mode": args.optimizer_mode}
     drop_model = copy.deepcopy(model)
-    compiled = torch.compile(drop_model, backend="dropbp", options=options)
-    calibrate = args.rates == "sensitivity" and args.drop_rate > 0
-    schedule = {"total_steps": args.warmup + args.steps, "target": args.drop_rate} if calibrate else None
-    return [base, Run(f"dropbp+{args.inner}", drop_model, compiled, args.lr, schedule)]
+    dbp = dropbp_fx.DropBP(**options)
+    compiled = torch.compile(drop_model, backend=dbp)
+    calibrate = args.rates != "uniform" and args.drop_rate > 0
+    target = "auto" if args.rates == "auto" else args.drop_rate
+    schedule = {"total_steps": args.warmup + args.steps, "target": target} if calibrate else None
+    drop = Run(f"dropbp+{args.inner}", drop_model, compiled, args.lr, schedule)
+    dbp.attach_optimizer(drop.opt)  # optimizer_mode
+    return [base, drop]
 
 
 def train(runs: list[Run], batches: list[dict], seed: int, steps: int | None = None) -> None:
@@ -170,6 +179,15 @@ def train(runs: list[Run], batches: list[dict], seed: int, steps: int | None = N
         extra.set_postfix({drop.name: f"{statistics.fmean(drop.losses[-10:]):.3f}", "target": f"{target:.3f}"})
         if statistics.fmean(drop.losses[-10:]) <= target:
             break
+
+
+def describe(args, dbp) -> str:
+    """``auto rates (target 0.35), lr_scale`` / ``p=0.5 (sensitivity rates), none``."""
+    if args.rates == "auto" and dbp.calibrations:
+        rates = f"auto rates (target {dbp.calibrations[-1][1].target:.2f})"
+    else:
+        rates = f"p={args.drop_rate:g} ({args.rates} rates)"
+    return f"{rates}, optimizer_mode {args.optimizer_mode}"
 
 
 # ---------------------------------------------------------------------- main
@@ -216,7 +234,7 @@ def _main(args, start: float) -> dict:
     dbp = dropbp_fx.get_dropbp(runs[1].compiled)
     base_name, drop_name = (r.name for r in runs)
     title = (f"{model_name}; docstring -> module, batch {args.batch_size}, seq {args.seq}; "
-             f"{drop_name} p={args.drop_rate:g} ({args.rates} rates) vs {base_name}")
+             f"{drop_name} {describe(args, dbp)} vs {base_name}")
     report = {
         "date": datetime.date.today().isoformat(), "args": vars(args), "model": model_name,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
@@ -232,13 +250,14 @@ def _main(args, start: float) -> dict:
                    "bwd_flops": gt.flops[1] if gt.flops else None} for gt in dbp.controller.gates],
         "realised_drop_flops_weighted": realised_drop(dbp),
         "calibration": [vars(row) for row in runs[1].calibration] if runs[1].calibration else None,
+        "calibrated_target": runs[1].calibration.target if runs[1].calibration else None,
         "summary": dbp.summary(),
     }
     report["markdown"] = table(results)
     json_path, png_path = os.path.join(args.out, "demo.json"), os.path.join(args.out, "demo.png")
     plot(results, png_path, title)
     gates_path = dbp.plot(os.path.join(args.out, "gates.png"), f"{model_name}: the gates of {drop_name} after "
-                          f"{dbp.step} steps (p={args.drop_rate:g}, {args.rates} rates)")
+                          f"{dbp.step} steps ({describe(args, dbp)})")
     report["wall_s"] = time.perf_counter() - start
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dropbp_fx.calibrate import METHODS, calibration_step  # noqa: F401 (calibration_step: shared)
-from dropbp_fx.config import DropBPConfig, check_rate
+from dropbp_fx.config import RECOMMENDED, DropBPConfig, check_rate  # noqa: F401 (RECOMMENDED: shared)
 from dropbp_fx.gate_spec import flops_shares
 from dropbp_fx.reports import DropBPWarning
 from dropbp_fx.tracing import compile_in_place  # noqa: F401 (shared by the callbacks)
@@ -23,8 +23,8 @@ def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, optio
     ``drop_rate="auto"``: the calibration chooses the target (:mod:`dropbp_fx.auto`); it needs ``calibrate``."""
     if drop_rate == "auto":
         if calibrate is None:
-            raise ValueError(f"{owner}(drop_rate='auto') chooses the rate at each calibration: pass calibrate='fast' "
-                             "(or 'exact'), not None")
+            raise ValueError(f"{owner}(drop_rate='auto', the default) chooses the rate at each calibration: pass "
+                             "calibrate='fast' (or 'exact'), or a fixed drop_rate (0.5, ...) with calibrate=None")
     else:
         check_rate(f"{owner} drop_rate", drop_rate)
     if calibrate is not None and calibrate not in METHODS:
@@ -34,6 +34,7 @@ def check_callback_options(owner: str, drop_rate, calibrate, calibrate_at, optio
     if recalibrate_every is not None and (isinstance(recalibrate_every, bool) or not isinstance(recalibrate_every, int)
                                           or recalibrate_every < 1):
         raise ValueError(f"{owner} recalibrate_every must be None or a positive int (steps), got {recalibrate_every!r}")
+    options = {"optimizer_mode": RECOMMENDED["optimizer_mode"], **options}
     return DropBPConfig(drop_rate=AUTO_START if drop_rate == "auto" else drop_rate, **options)
 
 
@@ -49,7 +50,10 @@ def attach(dbp, optimizer, total_steps: int | None) -> None:
     optimizer (for ``optimizer_mode``; framework wrappers such as accelerate's are looked through)."""
     if dbp.options.total_steps is None and total_steps:
         dbp.set_total_steps(total_steps)
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+    # accelerate's AcceleratedOptimizer subclasses Optimizer without its hook tables: the optimizer it wraps
+    # (.optimizer) steps inside it and takes the hooks
+    while optimizer is not None and (not isinstance(optimizer, torch.optim.Optimizer)
+                                     or isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)):
         optimizer = getattr(optimizer, "optimizer", None)
     if optimizer is not None:
         dbp.attach_optimizer(optimizer)

@@ -28,7 +28,7 @@ from torch import nn
 from dropbp_fx.backend import DropBP
 from dropbp_fx.calibrate import calibrate
 from dropbp_fx.integrations.common import (DropStats, attach, calibration_due, calibration_step,
-                                           check_callback_options, check_first_step, check_on_no_gates,
+                                           RECOMMENDED, check_callback_options, check_first_step, check_on_no_gates,
                                            compile_in_place, loss_of)
 
 try:
@@ -43,21 +43,22 @@ class DropBPLightningCallback(Callback):
     """Train a LightningModule with DropBP.
 
     Args:
-        drop_rate: target average drop rate (the FLOPs-weighted target after calibration).
+        drop_rate: target average drop rate (the FLOPs-weighted target after calibration), or ``"auto"``
+            (the default: each calibration chooses the target, :mod:`dropbp_fx.auto`; 0.5 until the first).
         calibrate: ``"fast"``, ``"exact"`` or ``None`` (uniform ``drop_rate``).
         calibrate_at: the fraction of training after which the rates are calibrated.
         attr: the attribute of the LightningModule holding the network to compile (default: ``"model"`` if the
             module has one, else the LightningModule itself).
         plot: write ``dropbp_gates.png`` to ``trainer.default_root_dir`` at the end of training.
-            ``drop_rate="auto"``: each calibration chooses the target (:mod:`dropbp_fx.auto`).
         recalibrate_every: calibrate again every this many steps (``None``: once).
         options: the other :class:`~dropbp_fx.DropBPConfig` options (seed, policy, inner, schedule,
-            optimizer_mode, ...); ``total_steps`` defaults to the run's steps, the optimizer is attached.
+            optimizer_mode, ...; ``optimizer_mode`` defaults to ``"lr_scale"`` here, ``"none"`` in the
+            backend); ``total_steps`` defaults to the run's steps, the optimizer is attached.
         on_no_gates: after the first step, a network with no gate raises (``"raise"``, with the reason) or warns
             and trains without DropBP (``"warn"``).
     """
 
-    def __init__(self, drop_rate: float | str = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
+    def __init__(self, drop_rate: float | str = RECOMMENDED["drop_rate"], *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
                  recalibrate_every: int | None = None, attr: str | None = None, plot: bool = True,
                  on_no_gates: str = "raise", **options) -> None:
         config = check_callback_options("DropBPLightningCallback", drop_rate, calibrate, calibrate_at, options,

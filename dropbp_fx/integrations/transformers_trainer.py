@@ -33,7 +33,7 @@ from torch import nn
 from dropbp_fx.backend import DropBP
 from dropbp_fx.calibrate import calibrate
 from dropbp_fx.integrations.common import (DropStats, attach, calibration_due, calibration_step,
-                                           check_callback_options, check_first_step, check_on_no_gates,
+                                           RECOMMENDED, check_callback_options, check_first_step, check_on_no_gates,
                                            compile_in_place, loss_of)
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,14 @@ class DropBPCallback(TrainerCallback, ExportableState):
     """Train with DropBP under ``transformers.Trainer``.
 
     Args:
-        drop_rate: target average drop rate (the FLOPs-weighted target after calibration).
+        drop_rate: target average drop rate (the FLOPs-weighted target after calibration), or ``"auto"``
+            (the default: each calibration chooses the target, :mod:`dropbp_fx.auto`; 0.5 until the first).
         calibrate: ``"fast"`` (one backward pass), ``"exact"`` (N+1) or ``None`` (uniform ``drop_rate``).
-            ``drop_rate="auto"``: each calibration chooses the target (:mod:`dropbp_fx.auto`).
         calibrate_at: the fraction of ``max_steps`` after which the rates are calibrated.
         recalibrate_every: calibrate again every this many steps (``None``: once).
         options: the other :class:`~dropbp_fx.DropBPConfig` options (seed, policy, keep_one_open, inner,
-            schedule, ramp, min_rate, max_rate, optimizer_mode, ...); ``total_steps`` defaults to ``max_steps``
+            schedule, ramp, min_rate, max_rate, optimizer_mode, ...;
+            ``optimizer_mode`` defaults to ``"lr_scale"`` here, ``"none"`` in the backend); ``total_steps`` defaults to ``max_steps``
             and the Trainer's optimizer is attached for ``optimizer_mode``.
         plot: at the end of training, write ``dropbp_gates.png`` (rates, realised drops, FLOPs shares per gate,
             :meth:`dropbp_fx.DropBP.plot`) to the output directory (needs matplotlib).
@@ -63,7 +64,7 @@ class DropBPCallback(TrainerCallback, ExportableState):
             and trains without DropBP (``"warn"``).
     """
 
-    def __init__(self, drop_rate: float | str = 0.5, *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
+    def __init__(self, drop_rate: float | str = RECOMMENDED["drop_rate"], *, calibrate: str | None = "fast", calibrate_at: float = 0.1,
                  recalibrate_every: int | None = None, plot: bool = True, on_no_gates: str = "raise",
                  **options) -> None:
         config = check_callback_options("DropBPCallback", drop_rate, calibrate, calibrate_at, options,
