@@ -203,3 +203,14 @@ def test_parse_config_and_batch_order():
     assert torch.equal(order, convergence.batch_order(10, 4, 5, seed=3))
     args = convergence.parse_args(["--quick", "--steps", "5", "--configs", "uniform_p0.5,baseline"])
     assert args.configs == ["baseline", "uniform_p0.5"] and args.sizes["classify"].steps == 6  # a multiple of 2
+
+
+def test_recommended_is_the_library_default():
+    """The benchmark's ``recommended`` and the callbacks' default (dropbp_fx.config.RECOMMENDED) are one
+    configuration: the automatic rate with lr_scale."""
+    from benchmarks.convergence_configs import parse_config
+    from dropbp_fx.config import RECOMMENDED
+
+    spec = parse_config("recommended")
+    assert spec.kind == "auto" and RECOMMENDED["drop_rate"] == "auto"
+    assert dict(spec.options) == {"optimizer_mode": RECOMMENDED["optimizer_mode"]}

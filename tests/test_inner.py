@@ -409,7 +409,7 @@ def test_inductor_workaround_is_scoped_to_dropbp_compiles(monkeypatch):
     import torch._inductor.compile_fx as compile_fx
     from torch._inductor.codegen import cpp
 
-    from dropbp_fx import inner
+    from dropbp_fx import inductor_fixes as inner
 
     original = cpp.CppTile2DKernel.store
     real, during = compile_fx.compile_fx_inner, []
@@ -441,7 +441,7 @@ def test_simplify_workaround_is_scoped_to_dropbp_compiles(monkeypatch):
     from torch._inductor.codegen import cpp
     from torch._inductor.graph import GraphLowering
 
-    from dropbp_fx import inner
+    from dropbp_fx import inductor_fixes as inner
 
     names = ("stride_at", "simplify_index_in_vec_range", "stride_at_vec_range")
     originals = {n: getattr(sizevars, n) for n in names}

@@ -174,7 +174,7 @@ ZOO["falcon_aot_eager"] = dataclasses.replace(ZOO["falcon"], inner="aot_eager")
 ZOO["t5_aot_eager"] = dataclasses.replace(ZOO["t5"], inner="aot_eager")
 # Regression, under inductor: the backward of Falcon's attention branch (index_put of fused_qkv[..., [-2], :], fused
 # with a transposed load) wrote out of bounds on more than one thread (pytorch/pytorch#191837; see
-# dropbp_fx.inner.tile2d_atomic_add_fix): segfaults within a few steps.
+# dropbp_fx.inductor_fixes.tile2d_atomic_add_fix): segfaults within a few steps.
 ZOO["falcon_inductor"] = dataclasses.replace(ZOO["falcon"], inner="inductor")
 # A branch holding an autograd.Function (BLOOM's GeLU) under the AOT-based inner compilers: its bodies travel
 # inside the piece (they reached AOTAutograd as arguments: "all flat_args must be KNOWN_TYPES").
