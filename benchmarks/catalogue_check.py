@@ -244,6 +244,14 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
     missing = [m for m in members if m not in modules]
     if missing:
         return None, f"gate {gate!r}: {missing[0]!r} is not a module path"
+    inner = sorted(g for g in gate_names if g.partition("#")[0].startswith(base + "."))
+    if len(members) == 1 and inner:
+        # Gemma3n's AltUp: ``predictions = coefs(h) @ h + h`` runs in a method of the layer's ``altup`` called
+        # from the layer's forward, so its gate is named after the layer, beside the layer's other gates. Its
+        # branch is code of the layer's own frame; detaching the layer's output would also detach those gates
+        # and the skip. Forward hooks cannot reach it (tests/test_catalogue.py checks Gemma3n by hand).
+        return None, (f"gate {gate!r} is named after a module that holds other gates ({inner[0]!r}, ...): its "
+                      "branch is code in that module's own frame (a method, not a module call)")
     by_path = {m: [c for c in calls if c.path == m] for m in members}
     outputs = 1 + max((int(g.partition("#")[2]) for g in gate_names if g.partition("#")[0] == base and "#" in g),
                       default=0)

@@ -20,16 +20,18 @@ Before (and after)::
 output enters ``gate_0`` or ``gate_1``. ``h`` would map to ``None``: it reaches the output through the adds.
 
 Conservative: a path through an in-place op counts as reaching the output (a write may be read through another
-node), and so does any node the graph keeps for its effect.
+node) unless the op writes into an intermediate that is no view, and so does any node the graph keeps for its
+effect.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
 import torch.fx as fx
 
-from .predicates import mutates_first_arg
+from .predicates import meta_value, mutates_first_arg
 
 
 def gates_on_every_path(gm: fx.GraphModule, sources: Iterable[fx.Node],
@@ -42,15 +44,31 @@ def gates_on_every_path(gm: fx.GraphModule, sources: Iterable[fx.Node],
     return {source: _gates_from(source, is_gate, live) for source in sources}
 
 
+def _writes_own_value(node: fx.Node) -> bool:
+    """An in-place op (``x.mul_(s)``, ``x[i] = v``) whose ``x`` is an intermediate the graph made and no view of
+    another tensor: the write reaches ``x``'s later readers and nothing else (Gemma3n's ``per_layer_projection
+    *= scale``). A write into an input, a constant or a view may be read through other nodes."""
+    if not mutates_first_arg(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    target = node.args[0]
+    value = meta_value(target)
+    return (target.op in ("call_function", "call_method", "call_module") and isinstance(value, torch.Tensor)
+            and not value._is_view())
+
+
 def _is_sink(node: fx.Node) -> bool:
+    if _writes_own_value(node):
+        return False
     return node.op == "output" or mutates_first_arg(node) or (node.op == "call_function" and node.is_impure())
 
 
 def _live(gm: fx.GraphModule) -> set[fx.Node]:
-    """The nodes from which the output or an effect can be reached."""
+    """The nodes from which the output or an effect can be reached (an in-place write into an intermediate is
+    live when a later reader of what it writes is)."""
     live: set[fx.Node] = set()
     for node in reversed(list(gm.graph.nodes)):
-        if _is_sink(node) or any(user in live for user in node.users):
+        readers = node.args[0].users if _writes_own_value(node) else ()
+        if _is_sink(node) or any(user in live for user in node.users) or any(user in live for user in readers):
             live.add(node)
     return live
 
@@ -70,4 +88,7 @@ def _gates_from(source: fx.Node, is_gate: Callable[[fx.Node], bool], live: set[f
                 return None
             else:
                 frontier.append(user)
+                if _writes_own_value(user) and user.args[0] not in seen:  # what it writes, x's readers see
+                    seen.add(user.args[0])
+                    frontier.append(user.args[0])
     return frozenset(gates)

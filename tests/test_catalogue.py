@@ -574,3 +574,50 @@ def test_pegasus_x_global_tokens_get_no_gradient_when_their_gates_close():
     rec = check("pegasus_x", "seq2seq-lm", INNER, run_baseline=False)
     assert rec.status == "pass", f"{rec.status}: {rec.reason}"
     assert rec.checked_steps == 4
+
+
+@pytest.mark.parametrize("closed", [("model.layers.1",), ("model.layers.0", "model.layers.1.mlp")])
+def test_gemma3n_altup_prediction_gate_closes_the_prediction_branch(closed, monkeypatch):
+    """Gemma3n's AltUp predicts the next streams as ``coefs(router(h)) @ h + h`` in ``altup.predict``, a method
+    the layer's forward calls: a residual add whose branch dropbp gates under the layer's name. The catalogue's
+    hook oracle cannot detach a method's value (it reports "oracle cannot map gate"), so this oracle does it by
+    hand: ``predict`` returns ``h + (prediction - h).detach()`` for the closed layers, and the gradients agree."""
+    import transformers.models.gemma3n.modeling_gemma3n as gemma3n
+
+    import dropbp_fx
+    from benchmarks.catalogue_check import batch_fn, build, detached, loss_of
+    from dropbp_fx.testing import assert_same_grads, grads
+
+    torch.manual_seed(0)
+    model, _ = build("gemma3n_text", "causal-lm")
+    oracle = copy.deepcopy(model)
+    batch = batch_fn(model, "causal-lm")(0)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli", keep_one_open=False)
+    compiled = torch.compile(model, backend=dbp)
+    loss_of(compiled(**batch)).backward()
+    assert {"model.layers.0", "model.layers.1", "model.layers.1.mlp"} <= set(dbp.gate_names)
+    dbp.set_rates({g: (1 - 1e-12 if g in closed else 0.0) for g in dbp.gate_names})
+    model.zero_grad(set_to_none=True)
+    loss_of(compiled(**batch)).backward()
+    assert sorted(g for g, d in dbp.last_mask.items() if d) == sorted(closed)
+
+    predict = gemma3n.Gemma3nTextAltUp.predict
+    closed_altups = {id(oracle.get_submodule(g).altup) for g in closed if g.count(".") == 2}
+
+    def predict_closed(self, hidden_states):
+        out = predict(self, hidden_states)
+        return hidden_states + (out - hidden_states).detach() if id(self) in closed_altups else out
+
+    monkeypatch.setattr(gemma3n.Gemma3nTextAltUp, "predict", predict_closed)
+    with detached(oracle, [g for g in closed if g.count(".") > 2], through_constants=True):
+        loss_of(oracle(**batch)).backward()
+    assert oracle.model.layers[1].altup.prediction_coefs.weight.grad is None or "model.layers.1" not in closed
+    assert_same_grads(grads(model), grads(oracle), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_oracle_refuses_a_gate_named_after_a_module_that_holds_other_gates():
+    modules = {"layers.0", "layers.0.mlp"}
+    target, why = oracle_target("layers.0", [], modules, modules, {"layers.0.mlp"},
+                                ["layers.0", "layers.0.mlp"])
+    assert target is None and "holds other gates ('layers.0.mlp'" in why

@@ -31,7 +31,7 @@ def _run(tmp_path, *args):
 
 
 def test_demo_drops_and_reports(tmp_path, model_args):
-    report, saved = _run(tmp_path, *model_args, "--drop-rate", "0.5", "--rates", "sensitivity")
+    report, saved = _run(tmp_path, *model_args, "--drop-rate", "0.5")  # the demo's defaults: sensitivity rates
     assert saved["baseline"] == "eager" and saved["dropbp"] == "dropbp+eager"
     rows = {row["run"]: row for row in saved["table"]}
     assert list(rows) == ["eager", "dropbp+eager"]
@@ -79,9 +79,9 @@ def test_demo_drops_and_reports(tmp_path, model_args):
     assert "time to eager's final loss" in report["markdown"]
 
 
-def test_demo_default_is_the_recommended_configuration(tmp_path, model_args):
-    """Without flags the DropBP run is the callbacks' default: the automatic target, lr_scale."""
-    _, saved = _run(tmp_path, *model_args)
+def test_demo_runs_the_callbacks_default_configuration(tmp_path, model_args):
+    """``--rates auto --optimizer-mode lr_scale``: the callbacks' default, the automatic target with lr_scale."""
+    _, saved = _run(tmp_path, *model_args, "--rates", "auto", "--optimizer-mode", "lr_scale")
     assert saved["args"]["rates"] == "auto" and saved["args"]["optimizer_mode"] == "lr_scale"
     target = saved["calibrated_target"]
     assert 0.0 <= target <= 0.9

@@ -200,3 +200,32 @@ def test_gates_on_every_path_skips_paths_that_end_nowhere():
     found = gates_on_every_path(gm, [nodes["w"], nodes["v"], nodes["h"]], lambda n: n.op == "call_module")
     assert found[nodes["w"]] == frozenset({nodes["g0"], nodes["g1"]})
     assert found[nodes["v"]] is None and found[nodes["h"]] is None
+
+
+def test_gates_on_every_path_follows_an_in_place_write_into_an_intermediate():
+    """Gemma3n's ``per_layer_projection *= scale``: a write into a value the graph made (no view) reaches that
+    value's later readers only, so the path goes on; a write into an input may be read elsewhere (``None``)."""
+    from dropbp_fx.passes.grad_paths import gates_on_every_path
+
+    class Record(torch.fx.Interpreter):  # each node's value in its meta, as Dynamo's graphs have them
+        def run_node(self, n):
+            n.meta["val"] = super().run_node(n)
+            return n.meta["val"]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g0 = nn.Linear(D, D)
+
+        def forward(self, h, w, v):
+            e = w * 2.0
+            e.mul_(3.0)  # an intermediate: fine
+            v.mul_(3.0)  # an input: a sink
+            return h + self.g0(h * e * v)
+
+    gm = torch.fx.symbolic_trace(Net())
+    Record(gm).run(*(torch.randn(2, D) for _ in range(3)))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = gates_on_every_path(gm, [nodes["w"], nodes["v"]], lambda n: n.op == "call_module")
+    assert found[nodes["w"]] == frozenset({nodes["g0"]})
+    assert found[nodes["v"]] is None
