@@ -614,11 +614,11 @@ def baseline(model_type: str, mapping: str, backend: str) -> str:
     """Plain ``torch.compile(model, backend=...)``: "" when it trains 2 steps with the eager model's
     forward and gradients, else why not."""
     torch._dynamo.reset()
-    model, _ = build(model_type, mapping)
-    batches = batch_fn(model, mapping)
-    ref_model = copy.deepcopy(model)
-    compiled = torch.compile(model, backend=backend)
     try:
+        model, _ = build(model_type, mapping)  # it built for the check; a model that keeps state may not again
+        batches = batch_fn(model, mapping)
+        ref_model = copy.deepcopy(model)
+        compiled = torch.compile(model, backend=backend)
         for step in range(2):
             model.zero_grad(set_to_none=True)
             ref_model.zero_grad(set_to_none=True)

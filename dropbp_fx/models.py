@@ -146,13 +146,13 @@ def _step(model: nn.Module, batches) -> None:
 def _inputs_asked(model: nn.Module, mapping: str):
     """Inputs a model may need beyond token ids and labels, each tried in turn: outputs as long as the model
     makes them (a decoder of fixed length: labels of that length), the images of an image-text model, audio
-    features of a speech model (as many frames per token as its encoder needs)."""
+    features of a speech model (as many frames per token as its encoder needs), ``use_cache=False``."""
     if mapping == "image-classification":
         return
     params = _forward_params(model)
     try:
         with torch.no_grad():
-            out = model(input_ids=batch_fn(model, mapping, {})(0)["input_ids"])
+            out = copy.deepcopy(model)(input_ids=batch_fn(model, mapping, {})(0)["input_ids"])  # a model may keep state
         length = getattr(out, "logits", None).shape[1]
         if length != SEQ:
             yield {"length": length}
@@ -163,6 +163,8 @@ def _inputs_asked(model: nn.Module, mapping: str):
     if "input_features" in params:
         for frames in (1, 2, 4, 8, 16):
             yield {"input_features": frames}
+    if "use_cache" in params:  # no KV cache, as in training (HRM's recurrent layers outrun the cache's layers)
+        yield {"no_cache": True}
 
 
 def _forward_params(model: nn.Module) -> set:
@@ -235,6 +237,8 @@ def batch_fn(model: nn.Module, mapping: str, asked: dict | None = None):
             size = getattr(vision, "image_size", 32)
             size = size[0] if isinstance(size, (list, tuple)) else size
             out["pixel_values"] = torch.randn(2, getattr(vision, "num_channels", 3) or 3, size, size, generator=g)
+        if asked.get("no_cache"):
+            out["use_cache"] = False
         if asked.get("input_features"):
             mels = _find(config, "num_mel_bins") or 80
             out["input_features"] = torch.randn(2, mels, length * asked["input_features"], generator=g)

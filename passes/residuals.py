@@ -109,6 +109,7 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None,
     analysis = ResidualAnalysis()
 
     writer: dict[fx.Node, fx.Node] = {}  # tensor -> the latest in-place op that wrote it
+    no_grad = grad_disabled(graph)
 
     for node in graph.nodes:
         if gv.is_alias(node) and node.args and isinstance(node.args[0], fx.Node):
@@ -130,12 +131,31 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None,
         by_add[node] = branches
 
     found = [b for branches in by_add.values() for b in branches]
-    name_branches(found, root, frame)
+    name_branches(found, root, frame)  # before the no-grad ones go: ``#k`` counts every call of a module
+    for branch in [b for b in found if b.add in no_grad or no_grad.intersection(b.nodes)]:
+        found.remove(branch)
+        analysis.skipped.append(SkippedAdd(branch.add, gv.module_path(branch.add), f"{branch.name}: {NO_GRAD}"))
     adds = {b.add for b in found}
     for branch in found:
         members = set(branch.nodes)
         (analysis.nested if any(a in members for a in adds) else analysis.branches).append(branch)
     return analysis
+
+
+NO_GRAD = "runs under torch.no_grad() (HRM's recurrent steps before the last): no backward to drop"
+
+
+def grad_disabled(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes Dynamo traced with grad off: between ``torch._C._set_grad_enabled(False)`` and the next
+    ``(True)``. A branch there has no backward, and gating it would split the region across pieces (each
+    compiled piece restores the grad mode it was entered with, so the mode would leak)."""
+    off, enabled = set(), True
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled and node.args:
+            enabled = bool(node.args[0])
+        elif not enabled:
+            off.add(node)
+    return off
 
 
 # ---------------------------------------------------------------------------

@@ -229,3 +229,47 @@ def test_gates_on_every_path_follows_an_in_place_write_into_an_intermediate():
     found = gates_on_every_path(gm, [nodes["w"], nodes["v"]], lambda n: n.op == "call_module")
     assert found[nodes["w"]] == frozenset({nodes["g0"]})
     assert found[nodes["v"]] is None
+
+
+class NoGradSteps(nn.Module):
+    """HRM's recurrence: the first steps run under ``torch.no_grad()``, only the last one trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.g = _mlp(), _mlp()
+
+    def forward(self, x, closed=frozenset()):
+        with torch.no_grad():
+            for _ in range(2):
+                x = x + self.f(x)
+        f = self.f(x)
+        x = x + (f.detach() if "f#2" in closed else f)
+        g = self.g(x)
+        return (x + (g.detach() if "g" in closed else g)).pow(2).mean()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_branches_under_no_grad_are_not_gated_and_grad_mode_is_kept(inner):
+    """A residual add under ``torch.no_grad()`` has no backward: it is skipped (not gated), so no compiled piece
+    ends inside the region (a piece restores the grad mode it was entered with: grad stayed off after the
+    call), and the gradients of the trained steps equal the hook-free reference for every mask."""
+    torch.manual_seed(0)
+    net = NoGradSteps().double()
+    reference = copy.deepcopy(net)
+    x = torch.randn(2, 5, D, dtype=torch.double)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner=inner, policy="bernoulli", keep_one_open=False)
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x).backward()
+    assert torch.is_grad_enabled()
+    assert dbp.gate_names == ["f#2", "g"]
+    assert any("torch.no_grad()" in reason for record in dbp.graphs for _, _, reason in record.skipped)
+    for k in range(2):  # both closed: nothing the loss reads trains (no backward, as in the reference)
+        for closed in itertools.combinations(dbp.gate_names, k):
+            dbp.set_rates({g: (1 - 1e-12 if g in closed else 0.0) for g in dbp.gate_names})
+            net.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+            loss = compiled(x)
+            assert torch.is_grad_enabled() and loss.requires_grad
+            loss.backward()
+            reference(x, closed=closed).backward()
+            assert_same_grads(grads(net), grads(reference), rtol=1e-9, atol=1e-12)
+    torch._dynamo.reset()
