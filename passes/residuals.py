@@ -50,6 +50,7 @@ from torch import nn
 from . import branch_members as members
 from . import graph_view as gv
 from . import views
+from ._torch import SET_GRAD_ENABLED
 from .branch_names import BranchPath, branch_path, gate_name, name_branches
 
 
@@ -132,7 +133,7 @@ def find_residual_branches(gm: fx.GraphModule, *, root: nn.Module | None = None,
 
     found = [b for branches in by_add.values() for b in branches]
     name_branches(found, root, frame)  # before the no-grad ones go: ``#k`` counts every call of a module
-    for branch in [b for b in found if b.add in no_grad or no_grad.intersection(b.nodes)]:
+    for branch in [b for b in found if b.add in no_grad]:  # a region inside a branch is gated whole
         found.remove(branch)
         analysis.skipped.append(SkippedAdd(branch.add, gv.module_path(branch.add), f"{branch.name}: {NO_GRAD}"))
     adds = {b.add for b in found}
@@ -151,7 +152,7 @@ def grad_disabled(graph: fx.Graph) -> set[fx.Node]:
     compiled piece restores the grad mode it was entered with, so the mode would leak)."""
     off, enabled = set(), True
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is torch._C._set_grad_enabled and node.args:
+        if node.op == "call_function" and node.target is SET_GRAD_ENABLED and node.args:
             enabled = bool(node.args[0])
         elif not enabled:
             off.add(node)
