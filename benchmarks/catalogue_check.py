@@ -255,8 +255,8 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
     by_path = {m: [c for c in calls if c.path == m] for m in members}
     outputs = 1 + max((int(g.partition("#")[2]) for g in gate_names if g.partition("#")[0] == base and "#" in g),
                       default=0)
-    if len(members) == 1 and len(by_path[base]) == 1 and outputs > 1:
-        return (base, 0, k), ""
+    if len(members) == 1 and len(by_path[members[0]]) == 1 and outputs > 1:  # ``a.{b}`` is one member too
+        return (members[0], 0, k), ""
     counts = {len(cs) for cs in by_path.values()}
     if len(counts) != 1 or counts.pop() <= k:
         m = next(iter(by_path))

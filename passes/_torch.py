@@ -45,7 +45,3 @@ def tensor_base(t):
 # why: ``namespace::name`` of an op packet (``_qualified_op_name``); no public accessor (``str(op)`` differs)
 def op_qualified_name(packet, default=None):
     return getattr(packet, "_qualified_op_name", default)
-
-
-# why: Dynamo writes ``with torch.no_grad()`` into a graph as calls of this function; no public name for it
-SET_GRAD_ENABLED = torch._C._set_grad_enabled

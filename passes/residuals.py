@@ -50,7 +50,6 @@ from torch import nn
 from . import branch_members as members
 from . import graph_view as gv
 from . import views
-from ._torch import SET_GRAD_ENABLED
 from .branch_names import BranchPath, branch_path, gate_name, name_branches
 
 
@@ -152,7 +151,7 @@ def grad_disabled(graph: fx.Graph) -> set[fx.Node]:
     compiled piece restores the grad mode it was entered with, so the mode would leak)."""
     off, enabled = set(), True
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is SET_GRAD_ENABLED and node.args:
+        if getattr(node.target, "__name__", None) == "_set_grad_enabled" and node.args:  # as graph_view's regions
             enabled = bool(node.args[0])
         elif not enabled:
             off.add(node)
