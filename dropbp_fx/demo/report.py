@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import textwrap
 
 from dropbp_fx.allocate import flops_weighted_rate
 from dropbp_fx.demo import data
@@ -99,7 +100,7 @@ def plot(results: dict, path: str, title: str) -> None:
     ax_s.legend()
     for ax in (ax_t, ax_s):
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 130), fontsize=10)  # one long line would run past the figure's edge
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
