@@ -506,6 +506,31 @@ def test_oracle_keeps_the_skip_and_post_norm_of_a_module_with_its_own_residual_a
 
 
 # ----------------------------------------------------------------------------------------- the report
+def test_numeric_wrong_gradient_is_checked_again_in_float64(monkeypatch):
+    """A WRONG GRADIENT whose values are apart is re-checked with the model in float64: "pass in float64" only
+    where that run passes; a gradient set where the oracle has none is never re-checked (no rounding does that)."""
+    import benchmarks.catalogue_check as cc
+
+    def fake_train(reason_fp32, fp64_passes):
+        def train(model, oracle, batches, inner, rec, seed):
+            wide = next(model.parameters()).dtype == torch.float64
+            assert batches(0)["input_ids"].dtype == torch.long  # ids stay integers
+            if wide and fp64_passes:
+                rec.status, rec.reason, rec.checked_steps = "pass", "", 4
+            else:
+                rec.status, rec.reason = "WRONG GRADIENT", reason_fp32
+        return train
+
+    numeric = "step 0, dropped ['a']: w: Tensor-likes are not close!"
+    for reason, fp64_passes, expected in [(numeric, True, "pass in float64"), (numeric, False, "WRONG GRADIENT"),
+                                          ("step 0, dropped ['a']: w: grad is set, oracle None", True,
+                                           "WRONG GRADIENT")]:
+        monkeypatch.setattr(cc, "_train", fake_train(reason, fp64_passes))
+        rec = cc.check("llama", "causal-lm", INNER, run_baseline=False)
+        assert rec.status == expected, (reason, fp64_passes, rec.status)
+        assert reason in rec.reason
+
+
 def test_render_counts_and_groups():
     rec = dict(mapping="causal-lm", inner=INNER, gates=4, gates_per_layer=2.0, drop_fraction=0.5, seconds=3.0,
                reason="")
