@@ -253,6 +253,7 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
         # and the skip. Forward hooks cannot reach it (tests/test_catalogue.py checks Gemma3n by hand).
         return None, (f"gate {gate!r} is named after a module that holds other gates ({inner[0]!r}, ...): its "
                       "branch is code in that module's own frame (a method, not a module call)")
+    members = _called_members(members, calls)
     by_path = {m: [c for c in calls if c.path == m] for m in members}
     outputs = 1 + max((int(g.partition("#")[2]) for g in gate_names if g.partition("#")[0] == base and "#" in g),
                       default=0)
@@ -267,6 +268,19 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
     if isinstance(target, list):  # parallel members: each detached
         return [_per_call(t, calls) for t in target], ""
     return (target, why) if target is None else (_per_call(target, calls), "")
+
+
+def _called_members(members: list[str], calls: list[Call]) -> list[str]:
+    """A member that is never called itself but whose submodules are (a ``ModuleList``: HGNetV2's
+    ``{layers,aggregation}``, ``aggregation(cat([h, layers[0](h), layers[1](...), ...]))``) stands for its
+    outermost called submodules, in call order."""
+    called = {c.path for c in calls}
+    out = []
+    for m in members:
+        below = [p for p in dict.fromkeys(c.path for c in calls) if p.startswith(m + ".")]
+        outermost = [p for p in below if not any(p.startswith(q + ".") for q in below)]
+        out += outermost if m not in called and outermost else [m]
+    return out
 
 
 def _per_call(target, calls: list[Call]):

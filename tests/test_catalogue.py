@@ -145,6 +145,58 @@ class SharedLayerNet(nn.Module):
         return self.out(h).sum()
 
 
+class _AggregationBlock(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(2)])
+        self.aggregation = nn.Linear(3 * d, d)
+
+    def forward(self, h):
+        outputs, y = [h], h
+        for layer in self.layers:
+            y = layer(y)
+            outputs.append(y)
+        return h + self.aggregation(torch.cat(outputs, dim=-1))
+
+
+class AggregationNet(nn.Module):
+    """HGNetV2's block: ``h + aggregation(cat([h, layers[0](h), layers[1](layers[0](h))]))``, a ``ModuleList``
+    (never called itself) and a module in one branch, so its gate is ``block.{layers,aggregation}``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(d, d), _AggregationBlock(d), nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.out(self.block(self.inp(x))).sum()
+
+
+def test_oracle_maps_a_union_with_a_module_list_member():
+    """A member that is a ``ModuleList`` stands for its called children: the gate maps (it reported "runs 0
+    times per forward" before) and closing it gives the backend's gradients."""
+    from dropbp_fx.testing import assert_same_grads, detached, grads
+
+    import dropbp_fx
+
+    net, x, (calls, modules, params, leaves) = _recorded(AggregationNet)
+    oracle = copy.deepcopy(net)
+    dbp = dropbp_fx.DropBP(drop_rate=0.5, inner="eager", policy="bernoulli", keep_one_open=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=dbp)
+    compiled(x)
+    assert dbp.gate_names == ["block.{layers,aggregation}"]
+    target, why = oracle_target("block.{layers,aggregation}", calls, modules, params, leaves)
+    assert target == "block.aggregation", why
+    dbp.set_rates({"block.{layers,aggregation}": 1 - 1e-12})
+    net.zero_grad(set_to_none=True)
+    compiled(x).backward()
+    assert dbp.last_mask == {"block.{layers,aggregation}": True}
+    with detached(oracle, [target]):
+        oracle(x).backward()
+    assert net.block.layers[0][0].weight.grad is None and net.inp.weight.grad is not None
+    assert_same_grads(grads(net), grads(oracle), rtol=1e-9, atol=1e-12)
+
+
 def test_oracle_maps_each_call_of_a_shared_layer_to_that_call():
     """``name#k`` is the k-th call; the oracle detaches that call only, and its gradients are the backend's."""
     from dropbp_fx.testing import assert_same_grads, detached, grads
