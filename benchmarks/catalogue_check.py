@@ -246,7 +246,7 @@ def oracle_target(gate: str, calls: list[Call], modules: set[str], with_params: 
     if missing:
         return None, f"gate {gate!r}: {missing[0]!r} is not a module path"
     inner = sorted(g for g in gate_names if g.partition("#")[0].startswith(base + "."))
-    if len(members) == 1 and inner:
+    if len(members) == 1 and inner and any(c.path == members[0] for c in calls):  # (a ModuleList has no frame)
         # Gemma3n's AltUp: ``predictions = coefs(h) @ h + h`` runs in a method of the layer's ``altup`` called
         # from the layer's forward, so its gate is named after the layer, beside the layer's other gates. Its
         # branch is code of the layer's own frame; detaching the layer's output would also detach those gates
