@@ -694,7 +694,14 @@ def test_gemma3n_altup_prediction_gate_closes_the_prediction_branch(closed, monk
 
 
 def test_oracle_refuses_a_gate_named_after_a_module_that_holds_other_gates():
+    from benchmarks.catalogue_check import Call
+
     modules = {"layers.0", "layers.0.mlp"}
-    target, why = oracle_target("layers.0", [], modules, modules, {"layers.0.mlp"},
+    calls = [Call("layers.0", 1, 4), Call("layers.0.mlp", 2, 3)]
+    target, why = oracle_target("layers.0", calls, modules, modules, {"layers.0.mlp"},
                                 ["layers.0", "layers.0.mlp"])
     assert target is None and "holds other gates ('layers.0.mlp'" in why
+    # a ModuleList is never called: it has no frame of its own, so that is not why it would not map (HRM)
+    target, why = oracle_target("layers.0", calls[1:], modules, modules, {"layers.0.mlp"},
+                                ["layers.0", "layers.0.mlp"])
+    assert "holds other gates" not in why
