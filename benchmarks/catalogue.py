@@ -241,7 +241,7 @@ def render(data: dict) -> str:
         buildable = len(recs) - counts["unbuildable"] - counts["baseline-fails"]
         others = ", ".join(f"{n} {s}" for s, n in counts.items() if n and s != "pass")
         lines.append(f"- **{counts['pass']} of {buildable} buildable {mapping} types pass** ({len(recs)} types in "
-                     f"the mapping; {others})")
+                     f"the mapping{'; ' + others if others else ''})")
     inners = sorted({r["inner"] for r in rows})
     lines += ["", f"Generated {meta.get('date', '?')} with torch {meta.get('torch', '?')}, transformers "
               f"{meta.get('transformers', '?')}, inner compiler {', '.join(inners)}, code at "
@@ -279,10 +279,13 @@ def render(data: dict) -> str:
                   for r in sorted(slow, key=lambda r: -compile_ratio(r))]
         lines.append("")
     failing = [r for r in rows if r["status"] in FAILURES + ("crash", "timeout")]
-    if failing:
-        lines += ["## Failures by reason", "", "| status | reason (class) | types |", "| --- | --- | --- |"]
+    others = [r for r in rows if r["status"] != "pass" and r not in failing]
+    for title, recs_of in (("Failures by reason", failing), ("Not counted or not fully checked, by reason", others)):
+        if not recs_of:
+            continue
+        lines += [f"## {title}", "", "| status | reason (class) | types |", "| --- | --- | --- |"]
         groups: dict[tuple, list] = {}
-        for r in failing:
+        for r in recs_of:
             groups.setdefault((STATUSES.index(r["status"]), r["status"], reason_class(r)), []).append(r)
         for (_, status, cls), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
             types = ", ".join(f"{r['type']}" + ("" if r["mapping"] == "causal-lm" else f" ({r['mapping']})")
